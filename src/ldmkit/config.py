@@ -1,0 +1,381 @@
+"""Typed run configuration: dataclasses with defaults, YAML recipes, dotted command-line overrides.
+
+A recipe YAML names only what differs from the defaults. Overrides look like ``train.steps=100`` or
+``model.name=dit-b/4``; values are parsed as YAML scalars/lists and checked against the field's type.
+Every unknown key or badly typed value raises ``ConfigError`` before any work starts, naming the key
+and the closest valid keys.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration key or value that is not valid."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Sections
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class RunConfig:
+    dir: Optional[str] = None  # None: runs/<name>-<timestamp>
+    name: str = "run"
+
+
+@dataclass
+class ShapesConfig:
+    """The built-in procedural dataset (see ldmkit.data.shapes)."""
+
+    shapes: list[str] = field(default_factory=lambda: ["circle", "square", "triangle"])
+    colours: list[str] = field(
+        default_factory=lambda: ["red", "green", "blue", "yellow", "magenta", "cyan"]
+    )
+    orig_scale: tuple[float, float] = (1.0, 4.0)  # source short side / image_size, log-uniform
+    max_aspect: float = 4 / 3  # source aspect ratio in [1/max_aspect, max_aspect]
+    size_range: tuple[float, float] = (0.22, 0.36)  # shape half-size / visible square side
+
+
+@dataclass
+class DataConfig:
+    name: Literal["shapes"] = "shapes"
+    image_size: int = 32
+    num_samples: int = 100_000
+    crop: Literal["center", "random"] = "center"
+    flip_prob: float = 0.5
+    num_workers: int = 0
+    shapes: ShapesConfig = field(default_factory=ShapesConfig)
+
+
+@dataclass
+class AutoencoderConfig:
+    name: Literal["identity"] = "identity"  # identity: the model works on pixels
+
+
+@dataclass
+class ModelConfig:
+    name: str = "dit-s/4"
+    # Optional overrides of the named preset (None keeps the preset's value).
+    depth: Optional[int] = None
+    hidden_size: Optional[int] = None
+    num_heads: Optional[int] = None
+    patch_size: Optional[int] = None
+    mlp_ratio: Optional[float] = None
+    learn_sigma: bool = False
+    qk_norm: bool = False
+
+
+@dataclass
+class DiffusionConfig:
+    objective: Literal["flow"] = "flow"
+    timesteps: Literal["uniform", "logit_normal"] = "logit_normal"
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+
+
+@dataclass
+class ConditioningConfig:
+    p_drop_semantic: float = 0.1  # class -> null class, for classifier-free guidance
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 10_000
+    batch_size: int = 64
+    lr: float = 1e-4
+    betas: tuple[float, float] = (0.9, 0.95)
+    weight_decay: float = 0.0
+    warmup_steps: int = 1000
+    lr_schedule: Literal["constant", "cosine"] = "constant"
+    min_lr_ratio: float = 0.0  # cosine schedule floor, as a fraction of lr
+    grad_clip: float = 1.0  # 0 disables clipping
+    ema_decay: float = 0.9999
+    ema_warmup: bool = False  # decay = min(ema_decay, (1 + step) / (10 + step))
+    precision: Literal["fp32", "bf16"] = "fp32"
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    threads: int = 0  # torch intra-op threads on CPU; 0 keeps torch's default
+    log_every: int = 50
+    sample_every: int = 1000  # EMA sample grid every N steps (0: only at the end)
+    checkpoint_every: int = 1000
+    keep_checkpoints: int = 2  # newest N checkpoints kept; 0 keeps all
+
+
+@dataclass
+class SampleConfig:
+    sampler: Literal["euler", "heun"] = "heun"
+    steps: int = 50
+    guidance: float = 4.0
+    shift: float = 1.0  # time-grid shift t' = s t / (1 + (s - 1) t); 1 = uniform grid
+    grid_rows: int = 4  # sample grid written during training: rows x classes shown
+    grid_classes: int = 0  # 0: every class (capped at 18 columns)
+
+
+@dataclass
+class EvalConfig:
+    shapes_every: int = 0  # analytic shapes accuracy every N steps during training (0: never)
+    shapes_at_end: bool = True
+    shapes_per_class: int = 16
+
+
+@dataclass
+class Config:
+    seed: int = 0
+    run: RunConfig = field(default_factory=RunConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    autoencoder: AutoencoderConfig = field(default_factory=AutoencoderConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    cond: ConditioningConfig = field(default_factory=ConditioningConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+# --------------------------------------------------------------------------------------------------
+# Loading, overriding, validating
+# --------------------------------------------------------------------------------------------------
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def all_keys(cls: type = Config, prefix: str = "") -> list[str]:
+    """Every dotted key of a config class, sections included."""
+    keys = []
+    for name, tp in _field_types(cls).items():
+        key = prefix + name
+        keys.append(key)
+        if dataclasses.is_dataclass(tp):
+            keys.extend(all_keys(tp, key + "."))
+    return keys
+
+
+def _unknown_key(key: str) -> ConfigError:
+    close = difflib.get_close_matches(key, all_keys(), n=3, cutoff=0.5)
+    if not close:  # fall back to keys sharing the last component
+        leaf = key.rsplit(".", 1)[-1]
+        close = [k for k in all_keys() if k.rsplit(".", 1)[-1] == leaf][:3]
+    hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+    return ConfigError(f"unknown config key {key!r}{hint}")
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (Union, types.UnionType):
+        return " | ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin in (list, tuple):
+        return f"{origin.__name__}[{', '.join(_type_name(a) for a in typing.get_args(tp))}]"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(key: str, value: Any, tp: Any) -> Any:
+    """Check ``value`` against ``tp`` and return it in the field's type, or raise ConfigError."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    err = ConfigError(f"config key {key!r}: expected {_type_name(tp)}, got {value!r}")
+    if tp is Any:
+        return value
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(key, value, arg)
+            except ConfigError:
+                pass
+        raise err
+    if origin is Literal:
+        if value in args:
+            return value
+        close = difflib.get_close_matches(str(value), [str(a) for a in args], n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise ConfigError(
+            f"config key {key!r}: {value!r} is not one of {', '.join(repr(a) for a in args)}{hint}"
+        )
+    if origin in (list, tuple):
+        if isinstance(value, str):  # "a,b" on the command line
+            value = [yaml.safe_load(v) for v in value.split(",")]
+        if not isinstance(value, (list, tuple)):
+            raise err
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            if len(value) != len(args):
+                raise ConfigError(
+                    f"config key {key!r}: expected {len(args)} values ({_type_name(tp)}), got {value!r}"
+                )
+            return tuple(_coerce(f"{key}[{i}]", v, a) for i, (v, a) in enumerate(zip(value, args)))
+        item = args[0] if args else Any
+        items = [_coerce(f"{key}[{i}]", v, item) for i, v in enumerate(value)]
+        return tuple(items) if origin is tuple else items
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise err
+    if tp in (int, float) and isinstance(value, str):
+        try:  # YAML 1.1 reads "3e-4" (no dot) as a string
+            value = float(value)
+        except ValueError:
+            raise err from None
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():  # 1e4 is a float in YAML
+            return int(value)
+        raise err
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise err
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)  # e.g. run.name=2024
+        raise err
+    raise ConfigError(f"config key {key!r}: unsupported field type {tp!r}")
+
+
+def _apply_mapping(obj: Any, mapping: dict[str, Any], prefix: str) -> None:
+    types_ = _field_types(type(obj))
+    for name, value in mapping.items():
+        key = prefix + str(name)
+        if name not in types_:
+            raise _unknown_key(key)
+        tp = types_[name]
+        if dataclasses.is_dataclass(tp):
+            if not isinstance(value, dict):
+                raise ConfigError(f"config key {key!r} is a section: expected a mapping, got {value!r}")
+            _apply_mapping(getattr(obj, name), value, key + ".")
+        else:
+            setattr(obj, name, _coerce(key, value, tp))
+
+
+def set_key(cfg: Config, key: str, value: Any) -> None:
+    """Set one dotted key, checking the key and the value's type."""
+    parts = key.split(".")
+    obj: Any = cfg
+    for part in parts[:-1]:
+        types_ = _field_types(type(obj))
+        if part not in types_ or not dataclasses.is_dataclass(types_[part]):
+            raise _unknown_key(key)
+        obj = getattr(obj, part)
+    _apply_mapping(obj, {parts[-1]: value}, ".".join(parts[:-1]) + "." if len(parts) > 1 else "")
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``"train.steps=100"`` -> ``("train.steps", 100)``; the value is read as YAML."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like key=value (e.g. train.steps=100)")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"override {text!r} has an empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key, value
+
+
+def validate(cfg: Config) -> None:
+    """Checks between fields and on value ranges that the types alone cannot express."""
+
+    def need(ok: bool, key: str, msg: str) -> None:
+        if not ok:
+            raise ConfigError(f"config key {key!r}: {msg}")
+
+    t = cfg.train
+    need(t.steps > 0, "train.steps", f"must be > 0, got {t.steps}")
+    need(t.batch_size > 0, "train.batch_size", f"must be > 0, got {t.batch_size}")
+    need(t.lr > 0, "train.lr", f"must be > 0, got {t.lr}")
+    need(all(0 <= b < 1 for b in t.betas), "train.betas", f"must lie in [0, 1), got {t.betas}")
+    need(0 <= t.ema_decay < 1, "train.ema_decay", f"must lie in [0, 1), got {t.ema_decay}")
+    need(t.warmup_steps >= 0, "train.warmup_steps", f"must be >= 0, got {t.warmup_steps}")
+    need(t.grad_clip >= 0, "train.grad_clip", f"must be >= 0, got {t.grad_clip}")
+    for k in ("log_every", "checkpoint_every"):
+        need(getattr(t, k) > 0, f"train.{k}", f"must be > 0, got {getattr(t, k)}")
+    need(t.sample_every >= 0, "train.sample_every", f"must be >= 0, got {t.sample_every}")
+    d = cfg.data
+    need(d.image_size >= 8, "data.image_size", f"must be >= 8, got {d.image_size}")
+    need(0 <= d.flip_prob <= 1, "data.flip_prob", f"must lie in [0, 1], got {d.flip_prob}")
+    need(d.num_samples > 0, "data.num_samples", f"must be > 0, got {d.num_samples}")
+    need(0 <= cfg.cond.p_drop_semantic < 1, "cond.p_drop_semantic", "must lie in [0, 1)")
+    need(cfg.sample.steps > 0, "sample.steps", f"must be > 0, got {cfg.sample.steps}")
+    need(cfg.sample.shift > 0, "sample.shift", f"must be > 0, got {cfg.sample.shift}")
+    need(cfg.diffusion.logit_std > 0, "diffusion.logit_std", "must be > 0")
+    from ldmkit.models import list_models  # late: models import torch, configs should not need to
+
+    names = list_models()
+    if cfg.model.name.lower() not in names:
+        close = difflib.get_close_matches(cfg.model.name.lower(), names, n=3, cutoff=0.4)
+        raise ConfigError(
+            f"config key 'model.name': unknown model {cfg.model.name!r}"
+            + (f"; did you mean {', '.join(map(repr, close))}?" if close else f"; valid: {names}")
+        )
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Defaults <- YAML recipe <- ``key=value`` overrides, validated."""
+    cfg = Config()
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {str(path)!r} does not exist")
+        with open(path) as f:
+            try:
+                data = yaml.safe_load(f) or {}
+            except yaml.YAMLError as e:
+                raise ConfigError(f"config file {str(path)!r} is not valid YAML: {e}") from e
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {str(path)!r} must hold a mapping at the top level")
+        _apply_mapping(cfg, data, "")
+        if "run" not in data or "name" not in (data.get("run") or {}):
+            cfg.run.name = path.stem
+    for text in overrides:
+        key, value = parse_override(text)
+        set_key(cfg, key, value)
+    validate(cfg)
+    return cfg
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """Plain dict (tuples as lists) suitable for YAML/JSON."""
+
+    def plain(v: Any) -> Any:
+        if isinstance(v, tuple):
+            return [plain(x) for x in v]
+        if isinstance(v, list):
+            return [plain(x) for x in v]
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        return v
+
+    return plain(dataclasses.asdict(cfg))
+
+
+def from_dict(data: dict[str, Any]) -> Config:
+    """Rebuild a Config from ``to_dict`` output (e.g. the JSON stored in a checkpoint)."""
+    cfg = Config()
+    _apply_mapping(cfg, data, "")
+    validate(cfg)
+    return cfg
+
+
+def dump_yaml(cfg: Config, path: str | Path) -> None:
+    with open(path, "w") as f:
+        yaml.safe_dump(to_dict(cfg), f, sort_keys=False)

@@ -1,0 +1,412 @@
+"""Analytic evaluator for the ``shapes`` dataset: which colour, shape and position does an image show?
+
+It reads generated images only (no learned model), so it can score class / caption following of a
+diffusion model trained on ``ldmkit.data.shapes``. Method, per image:
+1. background = median colour of the border pixels;
+2. foreground = pixels far (in RGB) from the background; keep the connected blob of largest mass
+   (stray specks of a generated image are ignored), its confident core gives the foreground colour;
+3. colour = nearest configured palette colour (allowing for a little blending with the background);
+4. a soft coverage mask alpha in [0, 1] = projection of each pixel onto the background -> foreground
+   colour line (linear in the anti-aliased coverage, so soft and noisy edges are handled);
+5. shape by analysis-by-synthesis: for each candidate shape, its size follows from the mask's mass
+   (area = k_shape r^2) and its position from the mask's centroid (the dataset's ``center`` is the area
+   centroid), an anti-aliased template (coverage from the signed distance) is rendered over a few
+   scales and edge softnesses, and the shape whose best template has the smallest L2 error wins;
+6. position = the 3x3 cell of the mask's centroid, in the image frame.
+
+``evaluate_generation`` samples every class of a trained class-conditional model and scores it.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+
+from ldmkit.data.shapes import (
+    DEFAULT_COLOURS,
+    PALETTE,
+    POSITIONS,
+    SHAPE_AREAS,
+    SHAPES,
+    ShapesDataset,
+    position_index,
+    shape_sdf,
+)
+
+# Template search grid: scale of r around the mass estimate, and width (pixels) of the soft edge.
+_SCALES = (0.94, 1.0, 1.06)
+_RAMPS = (1.0, 1.6)
+
+
+def to_uint8_images(images: torch.Tensor) -> np.ndarray:
+    """(N, 3, H, W) float images in [-1, 1] (a model's output) -> (N, H, W, 3) uint8 for ``analyze``."""
+    x = images.detach().to("cpu", torch.float32).clamp(-1.0, 1.0)
+    x = ((x + 1.0) * 127.5).round().to(torch.uint8)
+    return x.permute(0, 2, 3, 1).contiguous().numpy()
+
+
+class ShapesEvaluator:
+    """Recognise the colour, shape and position of the single shape in each image.
+
+    Args:
+        colours, shapes: the candidates (same names and defaults as ``ShapesDataset``).
+        min_foreground: fraction of confident foreground pixels below which nothing is ``found``.
+        dist_lo, dist_hi: RGB distances to the background between which a pixel ramps from
+            background to confident foreground (well above the noise of a generated image, well
+            below the >= 160 contrast of every palette colour).
+        chunk: images processed per vectorised step (bounds memory).
+    """
+
+    def __init__(
+        self,
+        colours: Sequence[str] = DEFAULT_COLOURS,
+        shapes: Sequence[str] = SHAPES,
+        *,
+        min_foreground: float = 0.02,
+        dist_lo: float = 40.0,
+        dist_hi: float = 80.0,
+        chunk: int = 256,
+    ) -> None:
+        self.colours = tuple(colours)
+        self.shapes = tuple(shapes)
+        unknown = [c for c in self.colours if c not in PALETTE]
+        if not self.colours or unknown:
+            raise ValueError(
+                f"ShapesEvaluator: colours has unknown colour(s) {unknown}; valid colours are {list(PALETTE)}"
+            )
+        unknown = [s for s in self.shapes if s not in SHAPE_AREAS]
+        if not self.shapes or unknown:
+            raise ValueError(
+                f"ShapesEvaluator: shapes has unknown shape(s) {unknown}; valid shapes are {list(SHAPE_AREAS)}"
+            )
+        if not 0.0 < dist_lo < dist_hi:
+            raise ValueError(f"ShapesEvaluator: need 0 < dist_lo < dist_hi, got {dist_lo}, {dist_hi}")
+        self.min_foreground = float(min_foreground)
+        self.dist_lo = float(dist_lo)
+        self.dist_hi = float(dist_hi)
+        self.chunk = int(chunk)
+        self._palette = np.array([PALETTE[c] for c in self.colours], dtype=np.float32)  # (C, 3)
+
+    # ------------------------------------------------------------------ public API
+
+    def analyze(self, images: np.ndarray) -> list[dict[str, Any]]:
+        """Per image: ``colour``, ``shape``, ``position``, ``found`` and diagnostics.
+
+        ``images``: (N, H, W, 3) uint8 RGB. Diagnostics: ``foreground_fraction`` (confident pixels of
+        the kept blob), ``background`` and ``foreground`` RGB, ``colour_distance`` (to the chosen palette
+        colour), ``centroid`` (x, y normalised to the image), ``size`` (fitted r / min(H, W)),
+        ``fit_errors`` (shape -> L2 error of its best template, relative to the mask's mass).
+        """
+        images = np.asarray(images)
+        if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
+            raise ValueError(
+                "ShapesEvaluator.analyze: expected (N, H, W, 3) uint8 images, "
+                f"got shape {images.shape} dtype {images.dtype} (see to_uint8_images)"
+            )
+        out: list[dict[str, Any]] = []
+        for start in range(0, images.shape[0], self.chunk):
+            out.extend(self._analyze_chunk(images[start : start + self.chunk]))
+        return out
+
+    def score(
+        self,
+        images: np.ndarray,
+        colours: Sequence[str],
+        shapes: Sequence[str],
+        positions: Sequence[str] | None = None,
+    ) -> dict[str, float]:
+        """Accuracies of ``images`` against the requested colours/shapes(/positions); not found = wrong.
+
+        Returns floats ``colour``, ``shape``, ``both`` (colour and shape), ``found``, ``position`` (only
+        when ``positions`` is given) and the int ``n``.
+        """
+        n = len(images)
+        if len(colours) != n or len(shapes) != n or (positions is not None and len(positions) != n):
+            raise ValueError(
+                f"ShapesEvaluator.score: {n} images but {len(colours)} colours, {len(shapes)} shapes"
+                + ("" if positions is None else f", {len(positions)} positions")
+            )
+        if positions is not None:
+            unknown = sorted(set(positions) - set(POSITIONS))
+            if unknown:
+                raise ValueError(f"ShapesEvaluator.score: unknown position(s) {unknown}; expected {POSITIONS}")
+        return _accuracies(self.analyze(images), colours, shapes, positions)
+
+    # ------------------------------------------------------------------ internals
+
+    def _analyze_chunk(self, images: np.ndarray) -> list[dict[str, Any]]:
+        n, h, w, _ = images.shape
+        x = images.astype(np.float32)  # (N, H, W, 3)
+
+        # 1. Background: median of the border pixels (the shape covers at most a little of them).
+        border = np.concatenate(
+            [x[:, 0], x[:, -1], x[:, 1:-1, 0], x[:, 1:-1, -1]], axis=1
+        )  # (N, 2W + 2H - 4, 3)
+        bg = np.median(border, axis=1)  # (N, 3)
+        diff = x - bg[:, None, None, :]
+        dist = np.linalg.norm(diff, axis=-1)  # (N, H, W)
+
+        # 2. Foreground support: confident pixels, grown by 2 px so that soft edges are kept, then
+        #    the connected blob with the largest mass (drops stray specks elsewhere in the image).
+        #    Confidence is judged on a 3x3 box-blurred image: it divides pixel noise by 3, so that noisy
+        #    background pixels do not cross the threshold, while every shape's core stays far above it.
+        dist_smooth = np.linalg.norm(_box3(diff), axis=-1)
+        confident = dist_smooth >= 0.5 * (self.dist_lo + self.dist_hi)
+        weight = np.clip((dist_smooth - self.dist_lo) / (self.dist_hi - self.dist_lo), 0.0, 1.0)
+        support = _largest_blob(_dilate(confident, 2), weight)
+        confident &= support
+        fg_fraction = confident.reshape(n, -1).mean(axis=1)
+
+        # 3. Foreground colour: mean of the pixels whose contrast is close to the blob's typical
+        #    maximum (its unblended interior), so that anti-aliased edges do not pull it to grey.
+        d_conf = np.where(confident, dist, 0.0).reshape(n, -1)
+        d_ref = _masked_quantile(d_conf, confident.reshape(n, -1), 0.9)  # (N,)
+        core = confident & (dist >= 0.7 * d_ref[:, None, None])
+        core_n = core.reshape(n, -1).sum(axis=1)
+        fg = np.einsum("nhw,nhwc->nc", core.astype(np.float32), x) / np.maximum(core_n, 1)[:, None]
+        colour_idx, colour_dist = self._nearest_colour(fg, bg)
+
+        # 4. Soft coverage: projection onto the background -> foreground colour line.
+        axis = fg - bg  # (N, 3)
+        axis_sq = np.maximum((axis * axis).sum(axis=1), 1.0)
+        alpha = np.einsum("nhwc,nc->nhw", diff, axis) / axis_sq[:, None, None]
+        alpha = np.clip(alpha, 0.0, 1.0) * support
+        mass = alpha.reshape(n, -1).sum(axis=1)  # foreground area in pixels
+        safe_mass = np.maximum(mass, 1e-6)
+        xs = np.arange(w, dtype=np.float32) + 0.5  # pixel centres
+        ys = np.arange(h, dtype=np.float32) + 0.5
+        cx = (alpha.sum(axis=1) * xs).sum(axis=1) / safe_mass  # (N,)
+        cy = (alpha.sum(axis=2) * ys).sum(axis=1) / safe_mass
+
+        # 5. Shape: best template per candidate shape over a small grid of scales and edge widths.
+        dx = xs[None, None, :] - cx[:, None, None]  # (N, 1, W)
+        dy = ys[None, :, None] - cy[:, None, None]  # (N, H, 1)
+        errors = np.empty((n, len(self.shapes)), dtype=np.float32)
+        radii = np.empty((n, len(self.shapes)), dtype=np.float32)
+        for k, shape in enumerate(self.shapes):
+            r0 = np.sqrt(mass / SHAPE_AREAS[shape])[:, None, None]  # (N, 1, 1)
+            best = np.full(n, np.inf, dtype=np.float32)
+            best_r = r0[:, 0, 0].copy()
+            for s in _SCALES:
+                sdf = shape_sdf(shape, dx, dy, s * r0)  # (N, H, W), pixels
+                for ramp in _RAMPS:
+                    template = np.clip(0.5 - sdf / ramp, 0.0, 1.0)
+                    err = ((alpha - template) ** 2).reshape(n, -1).sum(axis=1) / safe_mass
+                    better = err < best
+                    best = np.where(better, err, best)
+                    best_r = np.where(better, s * r0[:, 0, 0], best_r)
+            errors[:, k] = best
+            radii[:, k] = best_r
+        shape_idx = errors.argmin(axis=1)
+
+        results = []
+        found = (fg_fraction >= self.min_foreground) & (core_n > 0)
+        for i in range(n):
+            ncx, ncy = float(cx[i] / w), float(cy[i] / h)
+            results.append(
+                {
+                    "colour": self.colours[colour_idx[i]],
+                    "shape": self.shapes[shape_idx[i]],
+                    "position": POSITIONS[position_index(ncx, ncy)],
+                    "found": bool(found[i]),
+                    "foreground_fraction": float(fg_fraction[i]),
+                    "background": tuple(float(v) for v in bg[i]),
+                    "foreground": tuple(float(v) for v in fg[i]),
+                    "colour_distance": float(colour_dist[i]),
+                    "centroid": (ncx, ncy),
+                    "size": float(radii[i, shape_idx[i]] / min(h, w)),
+                    "fit_errors": {s: float(errors[i, k]) for k, s in enumerate(self.shapes)},
+                }
+            )
+        return results
+
+    def _nearest_colour(self, fg: np.ndarray, bg: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Nearest palette colour to ``fg``, allowing fg to be the colour blended <= 25% with ``bg``."""
+        v = fg - bg  # (N, 3)
+        u = self._palette[None, :, :] - bg[:, None, :]  # (N, C, 3)
+        a = (v[:, None, :] * u).sum(-1) / np.maximum((u * u).sum(-1), 1.0)  # (N, C) blend weight
+        a = np.clip(a, 0.75, 1.0)
+        dist = np.linalg.norm(v[:, None, :] - a[..., None] * u, axis=-1)  # (N, C)
+        idx = dist.argmin(axis=1)
+        return idx, dist[np.arange(len(idx)), idx]
+
+
+# ---------------------------------------------------------------------------- generation scoring
+
+
+@torch.no_grad()
+def evaluate_generation(
+    model: torch.nn.Module,
+    dataset: ShapesDataset,
+    *,
+    per_class: int = 16,
+    sampler: str = "heun",
+    steps: int = 50,
+    guidance: float = 4.0,
+    shift: float = 1.0,
+    seed: int = 0,
+    device: torch.device | str = "cpu",
+    decode: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    latent_shape: tuple[int, int, int] | None = None,
+    batch_size: int = 256,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Sample ``per_class`` images of every class of ``dataset`` and score their colour and shape.
+
+    ``latent_shape`` defaults to ``(model.in_channels, model.input_size, model.input_size)`` when the
+    model has those attributes, else to RGB pixels at the dataset's image size. ``decode`` maps the
+    sampler's output to images in [-1, 1] (identity when None); it runs in chunks of ``batch_size``.
+    Returns the accuracies of ``ShapesEvaluator.score`` (no position: a class does not name one), a
+    per-class breakdown, how often each position was drawn, and the sampling settings (JSON-ready).
+    """
+    from ldmkit.sampling import generate  # lazy: the analytic evaluator needs no model code
+
+    if per_class < 1:
+        raise ValueError(f"evaluate_generation: per_class must be >= 1, got {per_class}")
+    if latent_shape is None:
+        if hasattr(model, "in_channels") and hasattr(model, "input_size"):
+            latent_shape = (int(model.in_channels), int(model.input_size), int(model.input_size))
+        else:
+            latent_shape = (3, dataset.image_size, dataset.image_size)
+    classes = torch.arange(dataset.num_classes).repeat_interleave(per_class)  # (N,) class-major
+    x = generate(model, classes, latent_shape, sampler=sampler, steps=steps, guidance=guidance,
+                 shift=shift, seed=seed, batch_size=batch_size, device=device, progress=progress)
+    chunks = []
+    for start in range(0, x.shape[0], batch_size):
+        xb = x[start : start + batch_size]
+        if decode is not None:
+            xb = decode(xb.to(device))
+        chunks.append(to_uint8_images(xb))
+    images = np.concatenate(chunks)
+
+    wanted = [dataset.colour_shape_of(int(k)) for k in classes]
+    colours = [c for c, _ in wanted]
+    shapes = [s for _, s in wanted]
+    evaluator = ShapesEvaluator(colours=dataset.colours, shapes=dataset.shapes)
+    results = evaluator.analyze(images)
+
+    result: dict[str, Any] = _accuracies(results, colours, shapes)
+    result["per_class"] = {
+        name: {
+            k: v
+            for k, v in _accuracies(results[i : i + per_class], colours[i : i + per_class],
+                                    shapes[i : i + per_class]).items()
+            if k != "n"
+        }
+        for name, i in zip(dataset.class_names, range(0, len(results), per_class))
+    }
+    found_positions = [r["position"] for r in results if r["found"]]
+    result["positions"] = {p: found_positions.count(p) for p in POSITIONS}
+    result["settings"] = {
+        "per_class": per_class, "sampler": sampler, "steps": steps, "guidance": guidance,
+        "shift": shift, "seed": seed, "image_size": int(images.shape[1]),
+    }
+    return result
+
+
+def format_report(result: dict[str, Any]) -> str:
+    """A short human-readable summary of an ``evaluate_generation`` result."""
+    lines = [
+        f"shapes eval over {result['n']} samples: colour {100 * result['colour']:.1f}%, "
+        f"shape {100 * result['shape']:.1f}%, both {100 * result['both']:.1f}%, "
+        f"found {100 * result['found']:.1f}%"
+    ]
+    per_class = result.get("per_class", {})
+    if per_class:
+        width = max(len(name) for name in per_class)
+        lines.append(f"  {'class':<{width}}  colour  shape   both")
+        for name, acc in per_class.items():
+            lines.append(
+                f"  {name:<{width}}  {100 * acc['colour']:5.1f}%  {100 * acc['shape']:5.1f}%  "
+                f"{100 * acc['both']:5.1f}%"
+            )
+    positions = result.get("positions")
+    if positions:
+        total = max(sum(positions.values()), 1)
+        lines.append("  positions: " + ", ".join(
+            f"{name} {100 * count / total:.0f}%" for name, count in positions.items()))
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------- helpers
+
+
+def _accuracies(
+    results: list[dict[str, Any]],
+    colours: Sequence[str],
+    shapes: Sequence[str],
+    positions: Sequence[str] | None = None,
+) -> dict[str, Any]:
+    """Accuracies of ``analyze`` results against requested labels; not found counts as wrong."""
+    n = len(results)
+
+    def rate(ok: np.ndarray) -> float:
+        return float(ok.mean()) if n else 0.0
+
+    found = np.array([r["found"] for r in results], dtype=bool)
+    colour_ok = found & np.array([r["colour"] == c for r, c in zip(results, colours)], dtype=bool)
+    shape_ok = found & np.array([r["shape"] == s for r, s in zip(results, shapes)], dtype=bool)
+    scores: dict[str, Any] = {
+        "colour": rate(colour_ok),
+        "shape": rate(shape_ok),
+        "both": rate(colour_ok & shape_ok),
+        "found": rate(found),
+        "n": n,
+    }
+    if positions is not None:
+        pos_ok = found & np.array([r["position"] == p for r, p in zip(results, positions)], dtype=bool)
+        scores["position"] = rate(pos_ok)
+    return scores
+
+
+def _box3(x: np.ndarray) -> np.ndarray:
+    """3x3 box mean of (N, H, W, C) images over H and W, with edge replication."""
+    p = np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), mode="edge")
+    rows = p[:, :-2] + p[:, 1:-1] + p[:, 2:]  # (N, H, W + 2, C)
+    return (rows[:, :, :-2] + rows[:, :, 1:-1] + rows[:, :, 2:]) / 9.0
+
+
+def _dilate(mask: np.ndarray, steps: int) -> np.ndarray:
+    """Binary dilation of (N, H, W) masks with a 3x3 square, ``steps`` times."""
+    for _ in range(steps):
+        m = mask.copy()
+        m[:, 1:] |= mask[:, :-1]
+        m[:, :-1] |= mask[:, 1:]
+        m2 = m.copy()
+        m2[:, :, 1:] |= m[:, :, :-1]
+        m2[:, :, :-1] |= m[:, :, 1:]
+        mask = m2
+    return mask
+
+
+def _largest_blob(support: np.ndarray, weight: np.ndarray) -> np.ndarray:
+    """Per image, the 8-connected component of ``support`` with the largest total ``weight``."""
+    try:
+        from scipy import ndimage
+    except ImportError:  # scipy is an optional dependency: fall back to the whole support
+        return support
+    out = np.zeros_like(support)
+    structure = np.ones((3, 3), dtype=bool)
+    for i in range(support.shape[0]):
+        labels, count = ndimage.label(support[i], structure=structure)
+        if count <= 1:
+            out[i] = support[i]
+            continue
+        mass = np.bincount(labels.ravel(), weights=weight[i].ravel(), minlength=count + 1)
+        mass[0] = -1.0  # label 0 is the background
+        out[i] = labels == mass.argmax()
+    return out
+
+
+def _masked_quantile(values: np.ndarray, mask: np.ndarray, q: float) -> np.ndarray:
+    """Per row, the q-quantile (lower) of ``values`` where ``mask``; 0 for rows with no masked value."""
+    n, p = values.shape
+    keyed = np.where(mask, values, -np.inf)
+    ordered = np.sort(keyed, axis=1)  # masked-out values first
+    count = mask.sum(axis=1)
+    pos = p - count + np.floor(q * np.maximum(count - 1, 0)).astype(np.int64)
+    pos = np.clip(pos, 0, p - 1)
+    picked = ordered[np.arange(n), pos]
+    return np.where(count > 0, picked, 0.0)

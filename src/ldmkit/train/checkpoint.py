@@ -1,0 +1,149 @@
+"""Checkpoints: safetensors weights + JSON configs + training state, written atomically.
+
+Layout of one checkpoint (a directory ``<run>/checkpoints/step_0001000``)::
+
+    model.safetensors   weights of the trained model
+    ema.safetensors     weights of the EMA model
+    model.json          {"arch": ..., constructor kwargs}: rebuilds the model with no other input
+    config.json         the run's resolved configuration
+    train_state.pt      optimizer state, step, data position, RNG states (tensors and plain values
+                        only; read with torch.load(weights_only=True), which never runs pickled code)
+
+A checkpoint is written into a hidden temporary directory and renamed into place, so a directory named
+``step_*`` is always complete; an interrupted write leaves only a ``.tmp`` directory that is ignored
+(and cleaned up by the next save).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from ldmkit.models import model_from_config
+
+CHECKPOINT_FILES = ("model.safetensors", "ema.safetensors", "model.json", "config.json", "train_state.pt")
+_STEP_DIR = re.compile(r"^step_(\d+)$")
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+
+
+def model_config(model: nn.Module) -> dict[str, Any]:
+    """The JSON that rebuilds ``model`` via ``ldmkit.models.model_from_config``."""
+    return {"arch": model.arch, **model.init_kwargs}
+
+
+def save_checkpoint(run_dir: str | Path, step: int, *, model: nn.Module, ema_model: nn.Module,
+                    optimizer: torch.optim.Optimizer, config: dict[str, Any],
+                    train_state: dict[str, Any], keep: int = 0) -> Path:
+    """Write the checkpoint of ``step`` atomically and prune all but the newest ``keep`` (0: keep all)."""
+    root = Path(run_dir) / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    for stale in root.glob(".*.tmp"):  # left by an interrupted save
+        shutil.rmtree(stale, ignore_errors=True)
+    final = root / f"step_{step:07d}"
+    tmp = root / f".step_{step:07d}.tmp"
+    tmp.mkdir()
+
+    save_file(_state_dict(model), str(tmp / "model.safetensors"))
+    save_file(_state_dict(ema_model), str(tmp / "ema.safetensors"))
+    (tmp / "model.json").write_text(json.dumps(model_config(model), indent=2))
+    (tmp / "config.json").write_text(json.dumps(config, indent=2))
+    torch.save({"optimizer": optimizer.state_dict(), **train_state}, tmp / "train_state.pt")
+    for name in CHECKPOINT_FILES:
+        with open(tmp / name, "rb") as f:
+            os.fsync(f.fileno())
+    _fsync_dir(tmp)
+
+    if final.exists():  # re-saving a step (e.g. the end of a resumed run that was already complete)
+        trash = root / f".step_{step:07d}.old.tmp"
+        final.rename(trash)
+        tmp.rename(final)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        tmp.rename(final)
+    _fsync_dir(root)
+
+    if keep > 0:
+        for old in list_checkpoints(run_dir)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def checkpoint_step(path: Path) -> int:
+    m = _STEP_DIR.match(path.name)
+    if not m:
+        raise ValueError(f"{str(path)!r} is not a checkpoint directory (expected a name like step_0001000)")
+    return int(m.group(1))
+
+
+def is_checkpoint(path: Path) -> bool:
+    return path.is_dir() and bool(_STEP_DIR.match(path.name)) and all(
+        (path / f).is_file() for f in CHECKPOINT_FILES
+    )
+
+
+def list_checkpoints(run_dir: str | Path) -> list[Path]:
+    """Complete checkpoints of a run, oldest first."""
+    root = Path(run_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    return sorted((p for p in root.iterdir() if is_checkpoint(p)), key=checkpoint_step)
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint directory, or the newest complete checkpoint of a run directory."""
+    path = Path(path)
+    if is_checkpoint(path):
+        return path
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint path {str(path)!r} does not exist")
+    found = list_checkpoints(path)
+    if not found:
+        raise FileNotFoundError(
+            f"{str(path)!r} is neither a checkpoint directory (step_*/ with {', '.join(CHECKPOINT_FILES)}) "
+            "nor a run directory holding one under checkpoints/"
+        )
+    return found[-1]
+
+
+def load_model(checkpoint: str | Path, ema: bool = True,
+               device: torch.device | str = "cpu") -> tuple[nn.Module, dict[str, Any]]:
+    """Rebuild the model of a checkpoint (EMA weights by default) and return it with the run config."""
+    ckpt = resolve_checkpoint(checkpoint)
+    arch_cfg = json.loads((ckpt / "model.json").read_text())
+    model = model_from_config(arch_cfg)
+    weights = load_file(str(ckpt / ("ema.safetensors" if ema else "model.safetensors")))
+    model.load_state_dict(weights, strict=True)
+    config = json.loads((ckpt / "config.json").read_text())
+    return model.to(device).eval(), config
+
+
+def load_weights(model: nn.Module, path: str | Path) -> None:
+    model.load_state_dict(load_file(str(path)), strict=True)
+
+
+def load_train_state(checkpoint: Path) -> dict[str, Any]:
+    return torch.load(checkpoint / "train_state.pt", map_location="cpu", weights_only=True)

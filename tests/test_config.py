@@ -1,0 +1,100 @@
+"""Typed configs: YAML recipes, dotted overrides, errors that name the key."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from ldmkit.config import Config, ConfigError, from_dict, load_config, to_dict
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+def test_required_overrides_work():
+    cfg = load_config(None, ["model.name=dit-b/4", "train.steps=123", "train.batch_size=7",
+                             "run.dir=/tmp/somewhere", "seed=5"])
+    assert cfg.model.name == "dit-b/4"
+    assert cfg.train.steps == 123 and isinstance(cfg.train.steps, int)
+    assert cfg.train.batch_size == 7
+    assert cfg.run.dir == "/tmp/somewhere"
+    assert cfg.seed == 5
+
+
+def test_values_are_parsed_and_typed():
+    cfg = load_config(None, ["train.lr=3e-4", "train.betas=[0.9,0.99]", "train.ema_warmup=true",
+                             "data.shapes.colours=red,blue", "train.precision=bf16",
+                             "train.steps=1e3", "model.depth=3", "model.depth=null"])
+    assert cfg.train.lr == pytest.approx(3e-4) and isinstance(cfg.train.lr, float)
+    assert cfg.train.betas == (0.9, 0.99)
+    assert cfg.train.ema_warmup is True
+    assert cfg.data.shapes.colours == ["red", "blue"]
+    assert cfg.train.steps == 1000 and isinstance(cfg.train.steps, int)
+    assert cfg.model.depth is None
+
+
+@pytest.mark.parametrize("override,names", [
+    ("train.step=10", ["train.steps"]),
+    ("trian.steps=10", ["train.steps"]),
+    ("model.nmae=dit-b/4", ["model.name"]),
+    ("batch_size=4", ["train.batch_size"]),
+])
+def test_unknown_key_names_the_key_and_the_closest_valid_keys(override, names):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [override])
+    msg = str(err.value)
+    assert repr(override.split("=")[0]) in msg
+    for name in names:
+        assert repr(name) in msg
+
+
+@pytest.mark.parametrize("override,fragment", [
+    ("train.steps=ten", "expected int"),
+    ("train.steps=1.5", "expected int"),
+    ("train.lr=fast", "expected float"),
+    ("train.ema_warmup=maybe", "expected bool"),
+    ("train.precision=fp8", "'fp32'"),
+    ("train.betas=[0.9]", "expected 2 values"),
+    ("train", "key=value"),
+    ("train=3", "is a section"),
+    ("train.steps=0", "must be > 0"),
+    ("model.name=dit-q/4", "did you mean"),
+])
+def test_bad_values_fail_with_the_key_named(override, fragment):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [override])
+    assert fragment in str(err.value)
+    key = override.split("=")[0]
+    if key != "train" or "=" in override:
+        assert key in str(err.value)
+
+
+def test_yaml_recipe_unknown_key_and_type_errors(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train:\n  stpes: 10\n")
+    with pytest.raises(ConfigError, match=r"'train\.stpes'.*'train\.steps'"):
+        load_config(bad)
+    bad.write_text("model:\n  depth: deep\n")
+    with pytest.raises(ConfigError, match=r"'model\.depth': expected int"):
+        load_config(bad)
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "missing.yaml")
+
+
+def test_recipe_names_only_what_differs_and_overrides_win(tmp_path):
+    recipe = tmp_path / "small.yaml"
+    recipe.write_text("train:\n  steps: 50\n  lr: 0.001\n")
+    cfg = load_config(recipe, ["train.lr=0.002"])
+    assert cfg.train.steps == 50 and cfg.train.lr == 0.002
+    assert cfg.train.batch_size == Config().train.batch_size  # untouched default
+    assert cfg.run.name == "small"  # named after the recipe file
+
+
+def test_round_trip_through_dict_and_yaml(tmp_path):
+    cfg = load_config(None, ["train.betas=[0.8,0.9]", "data.shapes.colours=[red,green]"])
+    again = from_dict(yaml.safe_load(yaml.safe_dump(to_dict(cfg))))
+    assert again == cfg
+
+
+@pytest.mark.parametrize("recipe", sorted(p.name for p in CONFIGS.glob("*.yaml")))
+def test_shipped_recipes_load(recipe):
+    load_config(CONFIGS / recipe)
