@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
 import numpy as np
 import pytest
 import torch
@@ -109,14 +107,6 @@ def test_stray_speck_does_not_move_the_shape() -> None:
     same = [(a["colour"], a["shape"], a["position"]) == (b["colour"], b["shape"], b["position"])
             for a, b in zip(clean, dirty)]
     assert all(same)
-
-
-def test_fast_enough_for_1000_images() -> None:
-    images, _ = _dataset_images(32, seed=4, n=200)
-    images = np.concatenate([images] * 5)
-    start = time.perf_counter()
-    ShapesEvaluator().analyze(images)
-    assert time.perf_counter() - start < 10.0  # ~0.3 s on one core; generous for a shared machine
 
 
 def test_rejects_bad_input() -> None:

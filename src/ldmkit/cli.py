@@ -29,9 +29,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from ldmkit.train.trainer import RunDirError, train
 
     config, overrides = _split_config_and_overrides(args)
-    if config is None:
-        if not args.resume:
-            raise ConfigError("ldmkit train needs a config file (e.g. configs/quickstart.yaml)")
+    if config is None and args.resume:  # continue a run with the config it was started with
         run_dir = next((o.split("=", 1)[1] for o in overrides if o.startswith("run.dir=")), None)
         if run_dir is None:
             raise ConfigError("--resume without a config file needs run.dir=PATH")
@@ -44,8 +42,6 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def _load_for_sampling(args: argparse.Namespace):
-    import torch
-
     from ldmkit.config import from_dict
     from ldmkit.train.checkpoint import load_model, resolve_checkpoint
     from ldmkit.train.trainer import pick_device
@@ -54,7 +50,6 @@ def _load_for_sampling(args: argparse.Namespace):
     ckpt = resolve_checkpoint(args.checkpoint)
     model, cfg_dict = load_model(ckpt, ema=not args.no_ema, device=device)
     cfg = from_dict(cfg_dict)
-    torch.set_grad_enabled(False)
     return ckpt, model, cfg, device
 
 
@@ -178,7 +173,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train a model from a YAML recipe",
                        description="Train a model. Overrides are dotted key=value pairs, e.g. "
                                    "train.steps=100 model.name=dit-b/4 run.dir=runs/x seed=1.")
-    p.add_argument("config", nargs="?", help="YAML recipe (optional with --resume: run.dir's config.yaml)")
+    p.add_argument("config", nargs="?", help="YAML recipe (default: the built-in defaults; with --resume: "
+                                             "run.dir's config.yaml)")
     p.add_argument("overrides", nargs="*", help="key=value overrides")
     p.add_argument("--resume", nargs="?", const="auto", default=None,
                    help="continue run.dir: 'auto' (newest complete checkpoint) or a checkpoint path")
