@@ -170,3 +170,11 @@ def test_stream_is_resumable_and_shards_are_disjoint():
              for r in range(2)]
     assert set(ranks[0]).isdisjoint(ranks[1])
     assert sorted(i for _, i in ranks[0] + ranks[1]) == list(range(10))
+
+
+def test_bf16_autocast_trains_on_cpu(tmp_path):
+    result = train(tiny_config(tmp_path / "run", "train.steps=2", "train.precision=bf16",
+                               "eval.shapes_at_end=false"), progress=False)
+    records = [json.loads(line) for line in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
+    assert result.steps == 2 and records[-1]["skipped_steps"] == 0
+    assert records[-1]["loss"] > 0
