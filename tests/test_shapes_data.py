@@ -17,7 +17,7 @@ from ldmkit.data.shapes import (
     SHAPE_EXTENTS,
     ShapesDataset,
 )
-from ldmkit.data.transforms import resize_crop_flip, to_tensor
+from ldmkit.data.transforms import resize_crop_flip, resized_size, to_tensor
 
 MIRROR = {"left": "right", "right": "left"}
 
@@ -50,6 +50,7 @@ def test_resize_crop_center_offsets_match_hand_computation() -> None:
     for (h0, w0), ((h, w), (top, left)) in cases.items():
         img = Image.new("RGB", (w0, h0), (10, 20, 30))
         out, meta = resize_crop_flip(img, 32, "center", 0.0, rng)
+        assert resized_size(h0, w0, 32) == (h, w)
         assert out.size == (32, 32)
         assert meta == {"orig_size": (float(h0), float(w0)), "crop": (float(top), float(left)),
                         "flip": 0.0, "aspect": 1.0}

@@ -6,6 +6,7 @@ The trainer knows nothing about the architecture: it builds a model by name and 
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import time
@@ -16,7 +17,6 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import torch
-from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
@@ -33,8 +33,10 @@ from ldmkit.train.checkpoint import (list_checkpoints, load_train_state, load_we
 from ldmkit.train.ema import EMA
 from ldmkit.train.metrics import MetricsLog
 
-# Sections whose change would make a checkpoint mean something else; resuming refuses such changes.
+# Sections whose change would make a checkpoint mean something else; resuming refuses such changes
+# (except for the keys listed after them, which change how, not what, is computed).
 _FROZEN_ON_RESUME = ("data", "autoencoder", "model", "diffusion")
+_FREE_ON_RESUME = ("data.num_workers",)
 LOSS_BINS = (0.0, 0.25, 0.5, 0.75, 1.0)  # loss is also logged per timestep bin
 
 
@@ -90,6 +92,7 @@ def check_resume_config(cfg: Config, saved: dict[str, Any]) -> None:
         for section in _FROZEN_ON_RESUME
         for k in set(new[section]) | set(saved.get(section, {}))
         if new[section].get(k) != saved.get(section, {}).get(k)
+        and f"{section}.{k}" not in _FREE_ON_RESUME
     ]
     if changed:
         raise ConfigError(
@@ -193,7 +196,7 @@ class Trainer:
         self.step = int(state["step"])
         self.data_position = int(state["data_position"])
         self.skipped_steps = int(state.get("skipped_steps", 0))
-        self.generator.set_state(state["generator"].to(self.generator.get_state().device))
+        self.generator.set_state(state["generator"])
         torch.set_rng_state(state["torch_rng"])
         print(f"Resumed from {ckpt} at step {self.step}")
 
@@ -406,14 +409,10 @@ class _Window:
 
 
 def load_json(path: Path) -> dict[str, Any]:
-    import json
-
     return json.loads(Path(path).read_text())
 
 
 def save_json(data: dict[str, Any], path: Path) -> None:
-    import json
-
     tmp = Path(str(path) + ".tmp")
     tmp.write_text(json.dumps(data, indent=2))
     os.replace(tmp, path)
