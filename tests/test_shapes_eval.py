@@ -156,3 +156,20 @@ def test_evaluate_generation_scores_each_class_with_its_own_labels() -> None:
     shifted = _OracleModel(torch.roll(model.targets, shifts=1 + len(ds.colours), dims=0))
     wrong = evaluate_generation(shifted, ds, per_class=1, sampler="euler", steps=3, guidance=1.0)
     assert wrong["both"] == 0.0 and wrong["found"] == 1.0
+
+
+def test_largest_blob_matches_scipy_connected_components() -> None:
+    from scipy import ndimage
+
+    from ldmkit.eval.shapes import _largest_blob
+
+    rng = np.random.default_rng(0)
+    support = rng.random((40, 20, 24)) < 0.45
+    weight = rng.random(support.shape)
+    ours = _largest_blob(support, weight)
+    for i in range(support.shape[0]):
+        labels, count = ndimage.label(support[i], structure=np.ones((3, 3), dtype=bool))
+        mass = np.bincount(labels.ravel(), weights=weight[i].ravel(), minlength=count + 1)
+        mass[0] = -1.0
+        assert np.array_equal(ours[i], labels == mass.argmax()), i
+    assert not _largest_blob(np.zeros((1, 5, 5), bool), np.ones((1, 5, 5))).any()

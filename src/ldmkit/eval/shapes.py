@@ -382,22 +382,28 @@ def _dilate(mask: np.ndarray, steps: int) -> np.ndarray:
 
 
 def _largest_blob(support: np.ndarray, weight: np.ndarray) -> np.ndarray:
-    """Per image, the 8-connected component of ``support`` with the largest total ``weight``."""
-    try:
-        from scipy import ndimage
-    except ImportError:  # scipy is an optional dependency: fall back to the whole support
-        return support
-    out = np.zeros_like(support)
-    structure = np.ones((3, 3), dtype=bool)
-    for i in range(support.shape[0]):
-        labels, count = ndimage.label(support[i], structure=structure)
-        if count <= 1:
-            out[i] = support[i]
-            continue
-        mass = np.bincount(labels.ravel(), weights=weight[i].ravel(), minlength=count + 1)
-        mass[0] = -1.0  # label 0 is the background
-        out[i] = labels == mass.argmax()
-    return out
+    """Per image, the 8-connected component of ``support`` (N, H, W) with the largest total ``weight``.
+
+    Pure numpy (no scipy needed): every support pixel starts with a unique label and takes the largest
+    label of its 3x3 neighbourhood until nothing changes, so each component ends with one label.
+    """
+    n, h, w = support.shape
+    labels = np.where(support, np.arange(n * h * w).reshape(n, h, w), -1)
+    while True:
+        padded = np.pad(labels, ((0, 0), (1, 1), (1, 1)), constant_values=-1)
+        grown = labels.copy()
+        for dy in range(3):
+            for dx in range(3):
+                np.maximum(grown, padded[:, dy : dy + h, dx : dx + w], out=grown)
+        grown = np.where(support, grown, -1)
+        if np.array_equal(grown, labels):
+            break
+        labels = grown
+    flat = labels.ravel()
+    inside = flat >= 0
+    mass = np.bincount(flat[inside], weights=weight.ravel()[inside], minlength=n * h * w)
+    best = mass.reshape(n, h * w).argmax(axis=1) + np.arange(n) * h * w  # a label of image i
+    return (labels == best[:, None, None]) & support
 
 
 def _masked_quantile(values: np.ndarray, mask: np.ndarray, q: float) -> np.ndarray:
