@@ -223,6 +223,9 @@ def main(argv: list[str] | None = None) -> int:
         if type(e).__name__ == "RunDirError":
             print(f"ldmkit: error: {e}", file=sys.stderr)
             return 2
+        if type(e).__name__ == "TrainingDiverged":
+            print(f"ldmkit: training stopped: {e}", file=sys.stderr)
+            return 3
         raise
     except KeyboardInterrupt:
         return 130

@@ -102,13 +102,26 @@ class TrainConfig:
     grad_clip: float = 1.0  # 0 disables clipping
     ema_decay: float = 0.9999
     ema_warmup: bool = False  # decay = min(ema_decay, (1 + step) / (10 + step))
-    precision: Literal["fp32", "bf16"] = "fp32"
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    grad_accum: int = 1  # micro-batches per optimizer step on each rank (batch_size is the global batch)
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # bf16/fp16: autocast; fp16 adds a grad scaler
+    tf32: bool = True  # TF32 tensor-core matmuls for fp32 work on NVIDIA GPUs
+    compile: bool = False  # torch.compile each transformer block in place (names unchanged)
+    grad_checkpointing: bool = False  # recompute block activations in backward (less memory)
+    optimizer_impl: Literal["auto", "fused", "foreach", "for_loop"] = "auto"  # auto: fused on GPU
+    attention: Literal["auto", "flash", "efficient", "cudnn", "math"] = "auto"  # SDPA kernel choice
+    parallel: Literal["auto", "none", "ddp", "fsdp"] = "auto"  # auto: DDP when launched on >1 rank
+    device: str = "auto"  # auto | cpu | cuda | cuda:N (under torchrun: the local rank's GPU)
     threads: int = 0  # torch intra-op threads on CPU; 0 keeps torch's default
+    max_consecutive_skips: int = 20  # stop (with a checkpoint) after this many non-finite steps in a row
     log_every: int = 50
     sample_every: int = 1000  # EMA sample grid every N steps (0: only at the end)
     checkpoint_every: int = 1000
     keep_checkpoints: int = 2  # newest N checkpoints kept; 0 keeps all
+    tensorboard: bool = True  # also log to <run>/tensorboard when tensorboard is installed
+    wandb: bool = False  # also log to Weights & Biases (pip install wandb)
+    wandb_project: str = "ldmkit"
+    wandb_mode: Literal["offline", "online"] = "offline"  # offline: local files, sync later
+    peak_tflops: Optional[float] = None  # device peak for MFU; None: known GPUs only
 
 
 @dataclass
@@ -310,6 +323,10 @@ def validate(cfg: Config) -> None:
     for k in ("log_every", "checkpoint_every"):
         need(getattr(t, k) > 0, f"train.{k}", f"must be > 0, got {getattr(t, k)}")
     need(t.sample_every >= 0, "train.sample_every", f"must be >= 0, got {t.sample_every}")
+    need(t.grad_accum >= 1, "train.grad_accum", f"must be >= 1, got {t.grad_accum}")
+    need(t.batch_size % t.grad_accum == 0, "train.batch_size",
+         f"{t.batch_size} is not divisible by train.grad_accum={t.grad_accum}")
+    need(t.max_consecutive_skips >= 1, "train.max_consecutive_skips", "must be >= 1")
     d = cfg.data
     need(d.image_size >= 8, "data.image_size", f"must be >= 8, got {d.image_size}")
     need(0 <= d.flip_prob <= 1, "data.flip_prob", f"must lie in [0, 1], got {d.flip_prob}")

@@ -52,6 +52,13 @@ class FlowMatching:
         z = torch.randn(n, device=device, generator=generator)
         return torch.sigmoid(self.logit_mean + self.logit_std * z)
 
+    def draw(self, n: int, shape: tuple[int, ...], device: torch.device | str = "cpu",
+             generator: torch.Generator | None = None) -> "FlowDraw":
+        """The random inputs of the loss for n samples: timesteps, then noise (in that order)."""
+        t = self.sample_t(n, device=device, generator=generator)
+        noise = torch.randn((n, *shape), device=device, generator=generator)
+        return FlowDraw(t=t, noise=noise)
+
     @staticmethod
     def interpolate(x0: Tensor, noise: Tensor, t: Tensor) -> Tensor:
         """x_t = (1 - t) x_0 + t ε."""
@@ -68,17 +75,21 @@ class FlowMatching:
         """The clean sample implied by a velocity prediction: x_0 = x_t - t v."""
         return x_t - _expand(t, x_t) * v
 
-    def loss(self, model: ModelFn, x0: Tensor, cond: Conditioning,
+    def loss(self, model: ModelFn, x0: Tensor, cond: Conditioning, draw: "FlowDraw | None" = None,
              generator: torch.Generator | None = None) -> tuple[Tensor, Tensor, Tensor]:
         """Mean-squared velocity error.
+
+        ``draw`` holds the timesteps and noise (the trainer draws them for the whole global batch and
+        hands each micro-batch its rows, so that the result does not depend on how the batch is split
+        across ranks and accumulation steps); without it they are drawn here from ``generator``.
 
         Returns:
             (scalar loss, per-sample loss (B,), the sampled t (B,)) – the last two let the trainer
             log the loss per timestep bin.
         """
-        b = x0.shape[0]
-        t = self.sample_t(b, device=x0.device, generator=generator)
-        noise = torch.randn(x0.shape, device=x0.device, dtype=x0.dtype, generator=generator)
+        if draw is None:
+            draw = self.draw(x0.shape[0], tuple(x0.shape[1:]), device=x0.device, generator=generator)
+        t, noise = draw.t, draw.noise.to(x0.dtype)
         x_t = self.interpolate(x0, noise, t)
         pred = model(x_t, t, cond)
         if pred.shape != x0.shape:
@@ -88,3 +99,14 @@ class FlowMatching:
             )
         per_sample = (pred.float() - self.target(x0, noise).float()).pow(2).flatten(1).mean(1)
         return per_sample.mean(), per_sample.detach(), t
+
+
+@dataclass
+class FlowDraw:
+    """Random inputs of the flow loss for a batch: t (B,) and noise (B, C, H, W)."""
+
+    t: Tensor
+    noise: Tensor
+
+    def rows(self, start: int, stop: int) -> "FlowDraw":
+        return FlowDraw(self.t[start:stop], self.noise[start:stop])

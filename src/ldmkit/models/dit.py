@@ -19,6 +19,7 @@ from typing import Any, Optional
 
 import torch
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from ldmkit.conditioning import Conditioning
 from ldmkit.models.layers import (
@@ -126,6 +127,8 @@ class DiT(nn.Module):
         self.learn_sigma = learn_sigma
         self.num_classes = num_classes
         self.grid_size = input_size // patch_size
+        self.num_tokens = self.grid_size**2
+        self.grad_checkpointing = False
 
         self.x_embedder = PatchEmbed(patch_size, in_channels, hidden_size)
         self.t_embedder = TimestepEmbedder(hidden_size)
@@ -179,6 +182,10 @@ class DiT(nn.Module):
         nn.init.zeros_(self.final_layer.linear.weight)
         nn.init.zeros_(self.final_layer.linear.bias)
 
+    def set_grad_checkpointing(self, enabled: bool = True) -> None:
+        """Recompute each block's activations in the backward pass instead of storing them."""
+        self.grad_checkpointing = enabled
+
     def forward(self, x: Tensor, t: Tensor, cond: Optional[Conditioning] = None) -> Tensor:
         """x: (B, C, H, W) latents; t: (B,) (or scalar) float in [0, 1], 1 = noise; cond: class ids
         in ``cond.class_ids`` (B,) long, -1 = null class (ignored when ``num_classes == 0``)."""
@@ -199,6 +206,9 @@ class DiT(nn.Module):
                 )
             c = c + self.y_embedder(cond.class_ids)  # (B, D)
         for block in self.blocks:
-            x = block(x, c)  # (B, N, D)
+            if self.grad_checkpointing and torch.is_grad_enabled():
+                x = checkpoint(block, x, c, use_reentrant=False)  # (B, N, D)
+            else:
+                x = block(x, c)  # (B, N, D)
         x = self.final_layer(x, c)  # (B, N, p*p*C_out)
         return unpatchify(x, self.patch_size, self.out_channels, self.grid_size)  # (B, C_out, H, W)

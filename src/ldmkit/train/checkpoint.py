@@ -46,19 +46,19 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-
-
 def model_config(model: nn.Module) -> dict[str, Any]:
     """The JSON that rebuilds ``model`` via ``ldmkit.models.model_from_config``."""
     return {"arch": model.arch, **model.init_kwargs}
 
 
-def save_checkpoint(run_dir: str | Path, step: int, *, model: nn.Module, ema_model: nn.Module,
-                    optimizer: torch.optim.Optimizer, config: dict[str, Any],
+def save_checkpoint(run_dir: str | Path, step: int, *, model_state: dict[str, torch.Tensor],
+                    ema_state: dict[str, torch.Tensor], model_json: dict[str, Any],
+                    optimizer_state: dict[str, Any], config: dict[str, Any],
                     train_state: dict[str, Any], keep: int = 0) -> Path:
-    """Write the checkpoint of ``step`` atomically and prune all but the newest ``keep`` (0: keep all)."""
+    """Write the checkpoint of ``step`` atomically and prune all but the newest ``keep`` (0: keep all).
+
+    The state dicts are full (unsharded) CPU tensors; the optimizer state is keyed by parameter name.
+    """
     root = Path(run_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     for stale in root.glob(".*.tmp"):  # left by an interrupted save
@@ -67,11 +67,11 @@ def save_checkpoint(run_dir: str | Path, step: int, *, model: nn.Module, ema_mod
     tmp = root / f".step_{step:07d}.tmp"
     tmp.mkdir()
 
-    save_file(_state_dict(model), str(tmp / "model.safetensors"))
-    save_file(_state_dict(ema_model), str(tmp / "ema.safetensors"))
-    (tmp / "model.json").write_text(json.dumps(model_config(model), indent=2))
+    save_file(model_state, str(tmp / "model.safetensors"))
+    save_file(ema_state, str(tmp / "ema.safetensors"))
+    (tmp / "model.json").write_text(json.dumps(model_json, indent=2))
     (tmp / "config.json").write_text(json.dumps(config, indent=2))
-    torch.save({"optimizer": optimizer.state_dict(), **train_state}, tmp / "train_state.pt")
+    torch.save({"optimizer": optimizer_state, **train_state}, tmp / "train_state.pt")
     for name in CHECKPOINT_FILES:
         with open(tmp / name, "rb") as f:
             os.fsync(f.fileno())
@@ -139,10 +139,6 @@ def load_model(checkpoint: str | Path, ema: bool = True,
     model.load_state_dict(weights, strict=True)
     config = json.loads((ckpt / "config.json").read_text())
     return model.to(device).eval(), config
-
-
-def load_weights(model: nn.Module, path: str | Path) -> None:
-    model.load_state_dict(load_file(str(path)), strict=True)
 
 
 def load_train_state(checkpoint: Path) -> dict[str, Any]:

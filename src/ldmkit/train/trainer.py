@@ -1,7 +1,12 @@
 """The training loop: one obvious loop over (data -> objective -> optimizer -> EMA -> logs/checkpoints).
 
 The trainer knows nothing about the architecture: it builds a model by name and calls
-``objective.loss(model, x0, cond)``, which calls ``model(x_t, t, cond)``.
+``objective.loss(model, x0, cond, draw)``, which calls ``model(x_t, t, cond)``.
+
+Determinism: the random inputs of step k (timesteps, noise, condition dropout) are drawn for the whole
+global batch from a generator seeded by (seed, k), and each rank / micro-batch takes its rows; the data
+stream is a function of the global position. A step therefore computes the same thing on 1 process or
+N ranks, with or without gradient accumulation, and resuming needs only the step and the position.
 """
 
 from __future__ import annotations
@@ -9,13 +14,15 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
 import time
-from contextlib import nullcontext
+from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Iterator
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
@@ -26,22 +33,30 @@ from ldmkit.data import build_dataset
 from ldmkit.data.batch import Batch, collate
 from ldmkit.data.stream import StreamDataset, StreamSampler
 from ldmkit.diffusion.flow import FlowMatching
-from ldmkit.models import build_model
+from ldmkit.models import build_model, model_from_config
 from ldmkit.sampling import generate, make_grid
-from ldmkit.train.checkpoint import (list_checkpoints, load_train_state, load_weights,
+from ldmkit.train import distributed as D
+from ldmkit.train.checkpoint import (list_checkpoints, load_train_state, model_config,
                                      resolve_checkpoint, save_checkpoint)
 from ldmkit.train.ema import EMA
-from ldmkit.train.metrics import MetricsLog
+from ldmkit.train.metrics import read_metrics
+from ldmkit.train.telemetry import (Telemetry, forward_flops_per_image, peak_memory_gib,
+                                    peak_tflops, reset_peak_memory)
 
 # Sections whose change would make a checkpoint mean something else; resuming refuses such changes
 # (except for the keys listed after them, which change how, not what, is computed).
 _FROZEN_ON_RESUME = ("data", "autoencoder", "model", "diffusion")
 _FREE_ON_RESUME = ("data.num_workers",)
 LOSS_BINS = (0.0, 0.25, 0.5, 0.75, 1.0)  # loss is also logged per timestep bin
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)  # cluster pre-emption: checkpoint and exit cleanly
 
 
 class RunDirError(RuntimeError):
     """The run directory cannot be used (exists without --resume, or missing with it)."""
+
+
+class TrainingDiverged(RuntimeError):
+    """Too many consecutive non-finite steps; a checkpoint of the last good state was written."""
 
 
 # --------------------------------------------------------------------------------------------------
@@ -114,6 +129,28 @@ def lr_at(step: int, cfg: Config) -> float:
     return t.lr
 
 
+def step_seed(seed: int, step: int) -> int:
+    """Seed of the random draws of optimizer step ``step`` (well mixed, independent of world size)."""
+    return int(np.random.SeedSequence([seed, step, 0x5EED]).generate_state(1, dtype=np.uint64)[0] >> 1)
+
+
+def _sdpa_context(choice: str):
+    if choice == "auto":
+        return nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    backend = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
+               "cudnn": SDPBackend.CUDNN_ATTENTION, "math": SDPBackend.MATH}[choice]
+    return sdpa_kernel([backend])
+
+
+def _optimizer_flags(impl: str, device: torch.device, sharded: bool) -> dict[str, Any]:
+    if impl == "auto":
+        impl = "fused" if device.type == "cuda" and not sharded else "foreach"
+    return {"fused": {"fused": True}, "foreach": {"foreach": True},
+            "for_loop": {"foreach": False}}[impl]
+
+
 @dataclass
 class TrainResult:
     run_dir: Path
@@ -121,6 +158,7 @@ class TrainResult:
     steps: int
     final_grid: Path | None
     shapes_eval: dict[str, Any] | None
+    stopped_by: str | None = None  # "signal" when a SIGTERM/SIGUSR1 ended the run early
 
 
 # --------------------------------------------------------------------------------------------------
@@ -131,219 +169,429 @@ class TrainResult:
 class Trainer:
     def __init__(self, cfg: Config, resume: str | None = None, progress: bool = True) -> None:
         self.cfg = cfg
-        self.progress = progress
-        resume_from = None
-        if resume is not None:
-            self.run_dir = prepare_run_dir(cfg, resume=True)
-            if resume == "auto":
-                found = list_checkpoints(self.run_dir)
-                if not found:
-                    raise RunDirError(f"cannot resume: {str(self.run_dir)!r} holds no complete checkpoint")
-                resume_from = found[-1]
-            else:
-                resume_from = resolve_checkpoint(resume)
-            check_resume_config(cfg, load_json(resume_from / "config.json"))
-        else:
-            self.run_dir = prepare_run_dir(cfg, resume=False)
-        dump_yaml(cfg, self.run_dir / "config.yaml")
+        t = cfg.train
+        self.dist = D.init_distributed(t.device)
+        self.main = self.dist.is_main
+        self.progress = progress and self.main
+        self.device = self.dist.device
+        per_rank, rem = divmod(t.batch_size, self.dist.world_size * t.grad_accum)
+        if rem or per_rank == 0:
+            raise ConfigError(
+                f"config key 'train.batch_size': the global batch {t.batch_size} must be a multiple of "
+                f"world size × train.grad_accum = {self.dist.world_size} × {t.grad_accum}"
+            )
+        self.micro_batch = per_rank
 
-        if cfg.train.threads > 0:
-            torch.set_num_threads(cfg.train.threads)
+        self.run_dir, resume_from = self._setup_run_dir(resume)
+        if t.threads > 0:
+            torch.set_num_threads(t.threads)
+        if self.device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = t.tf32
+            torch.backends.cudnn.allow_tf32 = t.tf32
         torch.manual_seed(cfg.seed)
-        self.device = pick_device(cfg.train.device)
 
         self.dataset = build_dataset(cfg.data, seed=cfg.seed)
         self.autoencoder = build_autoencoder(cfg.autoencoder.name).to(self.device)
-        self.latent_shape = (
-            self.autoencoder.channels,
-            cfg.data.image_size // self.autoencoder.downsample,
-            cfg.data.image_size // self.autoencoder.downsample,
-        )
+        size = cfg.data.image_size // self.autoencoder.downsample
+        self.latent_shape = (self.autoencoder.channels, size, size)
         m = cfg.model
         self.model = build_model(
-            m.name, in_channels=self.latent_shape[0], input_size=self.latent_shape[1],
+            m.name, in_channels=self.latent_shape[0], input_size=size,
             num_classes=self.dataset.num_classes, depth=m.depth, hidden_size=m.hidden_size,
             num_heads=m.num_heads, patch_size=m.patch_size, mlp_ratio=m.mlp_ratio,
             learn_sigma=m.learn_sigma, qk_norm=m.qk_norm,
         ).to(self.device)
-        self.ema = EMA(self.model, cfg.train.ema_decay, warmup=cfg.train.ema_warmup)
-        self.objective = FlowMatching(cfg.diffusion.timesteps, cfg.diffusion.logit_mean,
-                                      cfg.diffusion.logit_std)
-        t = cfg.train
-        # Frozen parameters (DiT's fixed positional table) are not optimised.
-        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.model_json = model_config(self.model)
+        self.n_params = sum(p.numel() for p in self.model.parameters())
+
+        # Order matters: EMA copies the plain model (before compile); FSDP shards it in place, after
+        # which the optimizer and a sharded EMA must be built on the sharded parameters.
+        sharding = t.parallel == "fsdp"
+        if not sharding:
+            self.ema = EMA(self.model, t.ema_decay, t.ema_warmup, build=self._fresh_model)
+        if t.grad_checkpointing:
+            self.model.set_grad_checkpointing(True)
+        if t.compile:
+            for unit in D.fsdp_units(self.model):
+                unit.compile()
+        self.train_model = D.wrap_model(self.model, self.dist, t.parallel, t.precision)
+        if sharding:
+            self.ema = EMA(self.model, t.ema_decay, t.ema_warmup)
+
+        self.params = [p for p in self.model.parameters() if p.requires_grad]  # not the frozen pos-embed
         self.optimizer = torch.optim.AdamW(
             self.params, lr=t.lr, betas=t.betas, weight_decay=t.weight_decay,
-            fused=True if self.device.type == "cuda" else None,
+            **_optimizer_flags(t.optimizer_impl, self.device, sharding),
         )
-        # One generator for every random draw of the training step (t, noise, condition dropout),
-        # so that resuming restores the stream exactly.
-        self.generator = torch.Generator(self.device).manual_seed(cfg.seed + 1)
+        self.scaler = torch.amp.GradScaler(self.device.type) if t.precision == "fp16" else None
+        self.objective = FlowMatching(cfg.diffusion.timesteps, cfg.diffusion.logit_mean,
+                                      cfg.diffusion.logit_std)
         self.step = 0
-        self.data_position = 0  # samples consumed from the stream
+        self._resume_rng = None
+        self.data_position = 0  # global samples consumed
         self.skipped_steps = 0
+        self.consecutive_skips = 0
         if resume_from is not None:
             self._load(resume_from)
-        self.metrics = MetricsLog(self.run_dir / "metrics.jsonl")
+        self.telemetry = (Telemetry(self.run_dir, to_dict(cfg), t.tensorboard, t.wandb, t.wandb_project,
+                                    t.wandb_mode) if self.main else None)
+        self._stop_signal: int | None = None
+        self._eval_model = None
 
+    def _fresh_model(self) -> torch.nn.Module:
+        """A new, unwrapped instance of the trained architecture, on the training device."""
+        with torch.device(self.device):
+            return model_from_config(self.model_json)
+
+    def _setup_run_dir(self, resume: str | None) -> tuple[Path, Path | None]:
+        """Rank 0 decides (and creates) the run directory and the checkpoint to resume from; every
+        rank receives the answer, or the same error, so that no rank is left waiting."""
+        answer: tuple[str, str | None] | str | None = None
+        error: Exception | None = None
+        if self.main:
+            try:
+                resume_from = None
+                if resume is not None:
+                    run_dir = prepare_run_dir(self.cfg, resume=True)
+                    if resume == "auto":
+                        found = list_checkpoints(run_dir)
+                        if not found:
+                            raise RunDirError(f"cannot resume: {str(run_dir)!r} holds no complete checkpoint")
+                        resume_from = found[-1]
+                    else:
+                        resume_from = resolve_checkpoint(resume)
+                    check_resume_config(self.cfg, json.loads((resume_from / "config.json").read_text()))
+                else:
+                    run_dir = prepare_run_dir(self.cfg, resume=False)
+                dump_yaml(self.cfg, run_dir / "config.yaml")
+                answer = (str(run_dir), None if resume_from is None else str(resume_from))
+            except Exception as e:  # every rank must hear of it, or the others wait forever
+                error, answer = e, f"{type(e).__name__}: {e}"
+        answer = D.broadcast_object(self.dist, answer)
+        if error is not None:
+            raise error
+        if isinstance(answer, str):
+            raise RunDirError(f"rank 0 could not set up the run: {answer}")
+        run_dir, resume_from = answer
+        return Path(run_dir), (None if resume_from is None else Path(resume_from))
+
+    # ----------------------------------------------------------------------------------------------
+    # Checkpoints
     # ----------------------------------------------------------------------------------------------
 
     def _load(self, ckpt: Path) -> None:
-        load_weights(self.model, ckpt / "model.safetensors")
-        load_weights(self.ema.model, ckpt / "ema.safetensors")
+        from safetensors.torch import load_file
+
+        model_state = load_file(str(ckpt / "model.safetensors"))
+        D.load_full_model_state(self.model, model_state, self.dist)
+        self.ema.load_full_state_dict(load_file(str(ckpt / "ema.safetensors")))
         state = load_train_state(ckpt)
-        self.optimizer.load_state_dict(state["optimizer"])
+        D.load_full_optimizer_state(self.model, self.optimizer, state["optimizer"], self.dist)
         self.step = int(state["step"])
         self.data_position = int(state["data_position"])
         self.skipped_steps = int(state.get("skipped_steps", 0))
-        self.generator.set_state(state["generator"])
-        torch.set_rng_state(state["torch_rng"])
-        print(f"Resumed from {ckpt} at step {self.step}")
+        self.consecutive_skips = int(state.get("consecutive_skips", 0))
+        # Restored just before the loop (creating the data loader draws from the global generator).
+        self._resume_rng = (state["torch_rng"], state.get("cuda_rng"))
+        if self.scaler is not None and state.get("grad_scaler"):
+            self.scaler.load_state_dict(state["grad_scaler"])
+        if self.main:
+            self._truncate_metrics(self.step)
+            print(f"Resumed from {ckpt} at step {self.step}")
+
+    def _truncate_metrics(self, step: int) -> None:
+        """Drop records written after the checkpoint (a killed run logged steps it must now redo)."""
+        path = self.run_dir / "metrics.jsonl"
+        if not path.is_file():
+            return
+        kept = [r for r in read_metrics(path) if r.get("step", 0) <= step]
+        tmp = path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        os.replace(tmp, path)
 
     def save(self) -> Path:
-        state = {
-            "step": self.step,
-            "data_position": self.data_position,
-            "skipped_steps": self.skipped_steps,
-            "generator": self.generator.get_state().cpu(),
-            "torch_rng": torch.get_rng_state(),
-        }
-        return save_checkpoint(
-            self.run_dir, self.step, model=self.model, ema_model=self.ema.model,
-            optimizer=self.optimizer, config=to_dict(self.cfg), train_state=state,
-            keep=self.cfg.train.keep_checkpoints,
-        )
+        """Gather full state on rank 0 and write it atomically (every rank must call this)."""
+        model_state = D.full_model_state(self.model, self.dist)
+        ema_state = self.ema.full_state_dict(self.model)
+        optimizer_state = D.full_optimizer_state(self.model, self.optimizer, self.dist)
+        path = None
+        if self.main:
+            state = {
+                "step": self.step,
+                "data_position": self.data_position,
+                "skipped_steps": self.skipped_steps,
+                "consecutive_skips": self.consecutive_skips,
+                "torch_rng": torch.get_rng_state(),
+                "cuda_rng": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None,
+                "grad_scaler": self.scaler.state_dict() if self.scaler is not None else {},
+                "world_size": self.dist.world_size,
+            }
+            path = save_checkpoint(
+                self.run_dir, self.step, model_state=model_state, ema_state=ema_state,
+                model_json=self.model_json, optimizer_state=optimizer_state, config=to_dict(self.cfg),
+                train_state=state, keep=self.cfg.train.keep_checkpoints,
+            )
+        D.barrier(self.dist)
+        return path or self.run_dir / "checkpoints" / f"step_{self.step:07d}"
+
+    # ----------------------------------------------------------------------------------------------
+    # The step
+    # ----------------------------------------------------------------------------------------------
 
     def _batches(self) -> Iterator[Batch]:
         cfg = self.cfg
-        sampler = StreamSampler(len(self.dataset), seed=cfg.seed, start=self.data_position)
+        sampler = StreamSampler(len(self.dataset), seed=cfg.seed, global_batch=cfg.train.batch_size,
+                                start=self.data_position, rank=self.dist.rank,
+                                world_size=self.dist.world_size)
         loader = DataLoader(
-            StreamDataset(self.dataset), batch_size=cfg.train.batch_size, sampler=sampler,
+            StreamDataset(self.dataset), batch_size=self.micro_batch, sampler=sampler,
             collate_fn=collate, num_workers=cfg.data.num_workers,
             persistent_workers=cfg.data.num_workers > 0, pin_memory=self.device.type == "cuda",
         )
         return iter(loader)
 
     def _autocast(self):
-        if self.cfg.train.precision == "bf16":
-            return torch.autocast(self.device.type, dtype=torch.bfloat16)
-        return nullcontext()
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.cfg.train.precision)
+        return torch.autocast(self.device.type, dtype=dtype) if dtype else nullcontext()
 
-    def train_step(self, batch: Batch) -> dict[str, Any]:
-        """One optimizer step; returns the numbers to log. Non-finite steps are skipped, not applied."""
-        cfg = self.cfg
-        x0 = self.autoencoder.encode(batch.images.to(self.device, non_blocking=True))
-        cond = batch.cond.to(self.device)
-        drop = torch.rand(x0.shape[0], device=self.device, generator=self.generator)
-        cond = cond.drop_semantic(drop < cfg.cond.p_drop_semantic)
+    def train_step(self, batches: Iterator[Batch]) -> dict[str, Any]:
+        """One optimizer step over grad_accum micro-batches; non-finite steps are skipped, not applied."""
+        cfg, t = self.cfg, self.cfg.train
+        B, m, accum = t.batch_size, self.micro_batch, t.grad_accum
+        g = torch.Generator(self.device).manual_seed(step_seed(cfg.seed, self.step))
+        draw = self.objective.draw(B, self.latent_shape, device=self.device, generator=g)
+        dropped = torch.rand(B, device=self.device, generator=g) < cfg.cond.p_drop_semantic
 
         lr = lr_at(self.step, cfg)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        with self._autocast():
-            loss, per_sample, t = self.objective.loss(self.model, x0, cond, generator=self.generator)
-        loss.backward()
-        clip = cfg.train.grad_clip if cfg.train.grad_clip > 0 else float("inf")
+        loss_sum = torch.zeros((), device=self.device)
+        per_sample, ts, data_s = [], [], 0.0
+        rank_offset = self.dist.rank * (B // self.dist.world_size)
+        for a in range(accum):
+            t0 = time.perf_counter()
+            batch = next(batches)
+            data_s += time.perf_counter() - t0
+            lo = rank_offset + a * m
+            x0 = self.autoencoder.encode(batch.images.to(self.device, non_blocking=True))
+            cond = batch.cond.to(self.device).drop_semantic(dropped[lo : lo + m])
+            sync = a == accum - 1  # reduce gradients across ranks once, on the last micro-batch
+            with ExitStack() as stack:
+                if hasattr(self.train_model, "set_requires_gradient_sync"):  # FSDP2
+                    self.train_model.set_requires_gradient_sync(sync)
+                elif not sync and hasattr(self.train_model, "no_sync"):  # DDP
+                    stack.enter_context(self.train_model.no_sync())
+                stack.enter_context(_sdpa_context(t.attention))
+                with self._autocast():
+                    loss, ps, tt = self.objective.loss(self.train_model, x0, cond, draw.rows(lo, lo + m))
+                scaled = loss / accum
+                (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
+            loss_sum += loss.detach() / accum
+            per_sample.append(ps)
+            ts.append(tt.detach())
+
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+        clip = t.grad_clip if t.grad_clip > 0 else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, clip)
-        finite = bool(torch.isfinite(loss)) and bool(torch.isfinite(grad_norm))
-        if finite:
-            self.optimizer.step()
-        else:
+        if hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor
+            grad_norm = grad_norm.full_tensor()
+        local_bad = ~(torch.isfinite(grad_norm) & torch.isfinite(loss_sum))
+        stop = torch.tensor(self._stop_signal is not None, device=self.device)
+        bad, stop = D.any_across_ranks(self.dist, torch.stack([local_bad, stop])).tolist()
+        if bad:
             self.skipped_steps += 1
+            self.consecutive_skips += 1
+            if self.scaler is not None:
+                self.scaler.update()  # lowers the scale after an overflow
+        else:
+            self.consecutive_skips = 0
+            if self.scaler is not None:
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+            else:
+                self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
-        self.data_position += x0.shape[0]
-        if finite:
+        self.data_position += B
+        if not bad:
             self.ema.update(self.model, self.step)
-        return {"loss": loss.item(), "grad_norm": grad_norm.item(), "lr": lr, "finite": finite,
-                "per_sample": per_sample.cpu(), "t": t.detach().cpu()}
+        return {"loss": loss_sum, "grad_norm": grad_norm.detach(), "lr": lr, "bad": bad, "stop": stop,
+                "per_sample": torch.cat(per_sample), "t": torch.cat(ts), "data_s": data_s}
 
     # ----------------------------------------------------------------------------------------------
+    # Sampling and evaluation (rank 0; the other ranks wait)
+    # ----------------------------------------------------------------------------------------------
 
-    def write_grid(self, name: str) -> Path:
+    def _ema_eval_model(self) -> torch.nn.Module | None:
+        """A plain model with the EMA weights on rank 0 (None elsewhere); collective when sharded."""
+        if self.ema.model is not None:
+            return self.ema.model if self.main else None
+        state = self.ema.full_state_dict(self.model)
+        if not self.main:
+            return None
+        if self._eval_model is None:
+            self._eval_model = self._fresh_model().to(self.device).eval()
+        self._eval_model.load_state_dict(state)
+        return self._eval_model
+
+    def write_grid(self, name: str) -> Path | None:
         """A grid of EMA samples: one column per class, ``grid_rows`` noises per class."""
-        s = self.cfg.sample
-        n_cls = self.dataset.num_classes
-        ncol = min(n_cls, 18) if s.grid_classes <= 0 else min(s.grid_classes, n_cls)
-        classes = torch.arange(ncol).repeat(s.grid_rows)
-        x = generate(self.ema.model, classes, self.latent_shape, sampler=s.sampler, steps=s.steps,
-                     guidance=s.guidance, shift=s.shift, seed=self.cfg.seed, device=self.device)
-        images = to_uint8(self.autoencoder.decode(x.to(self.device)))
-        path = self.run_dir / "samples" / f"{name}.png"
-        path.parent.mkdir(exist_ok=True)
-        make_grid(images.numpy(), ncol=ncol).save(path)
+        model = self._ema_eval_model()
+        path = None
+        if model is not None:
+            s = self.cfg.sample
+            n_cls = self.dataset.num_classes
+            ncol = min(n_cls, 18) if s.grid_classes <= 0 else min(s.grid_classes, n_cls)
+            classes = torch.arange(ncol).repeat(s.grid_rows)
+            x = generate(model, classes, self.latent_shape, sampler=s.sampler, steps=s.steps,
+                         guidance=s.guidance, shift=s.shift, seed=self.cfg.seed, device=self.device)
+            images = to_uint8(self.autoencoder.decode(x.to(self.device)))
+            path = self.run_dir / "samples" / f"{name}.png"
+            path.parent.mkdir(exist_ok=True)
+            make_grid(images.numpy(), ncol=ncol).save(path)
+        D.barrier(self.dist)
         return path
 
-    def evaluate_shapes(self) -> dict[str, Any]:
+    def evaluate_shapes(self) -> dict[str, Any] | None:
         from ldmkit.eval.shapes import evaluate_generation
 
-        s = self.cfg.sample
-        return evaluate_generation(
-            self.ema.model, self.dataset, per_class=self.cfg.eval.shapes_per_class,
-            sampler=s.sampler, steps=s.steps, guidance=s.guidance, shift=s.shift,
-            seed=self.cfg.seed + 7, device=self.device, decode=self.autoencoder.decode,
-        )
+        model = self._ema_eval_model()
+        result = None
+        if model is not None:
+            s = self.cfg.sample
+            result = evaluate_generation(
+                model, self.dataset, per_class=self.cfg.eval.shapes_per_class,
+                sampler=s.sampler, steps=s.steps, guidance=s.guidance, shift=s.shift,
+                seed=self.cfg.seed + 7, device=self.device, decode=self.autoencoder.decode,
+            )
+        D.barrier(self.dist)
+        return result
+
+    # ----------------------------------------------------------------------------------------------
+    # The loop
+    # ----------------------------------------------------------------------------------------------
+
+    def _on_signal(self, signum, frame) -> None:
+        self._stop_signal = signum  # acted on at the end of the current step, on every rank
+
+    def _flops_per_image(self, probe: Batch) -> float | None:
+        """Training FLOPs per image (3 x forward), counted on a meta-device copy: no compute, and
+        untouched by compile or sharding of the real model."""
+        try:
+            with torch.device("meta"):
+                model = model_from_config(self.model_json)
+            x = torch.empty((1, *self.latent_shape), device="meta")
+            tt = torch.full((1,), 0.5, device="meta")
+            return 3.0 * forward_flops_per_image(model, x, tt, probe.cond.index(slice(0, 1)).to("meta"))
+        except Exception:  # FLOP counting is telemetry: never let it stop a run
+            return None
 
     def fit(self) -> TrainResult:
         cfg, t = self.cfg, self.cfg.train
-        n_params = sum(p.numel() for p in self.model.parameters())
-        print(f"Run directory: {self.run_dir}")
-        print(f"Model: {cfg.model.name} ({n_params / 1e6:.2f}M parameters) on {self.device}; "
-              f"data: {cfg.data.name} {cfg.data.image_size}px, {self.dataset.num_classes} classes")
+        if self.main:
+            print(f"Run directory: {self.run_dir}")
+            print(f"Model: {cfg.model.name} ({self.n_params / 1e6:.2f}M parameters) on {self.device}"
+                  f"{f' x {self.dist.world_size} ranks ({t.parallel})' if self.dist.enabled else ''}; "
+                  f"data: {cfg.data.name} {cfg.data.image_size}px, {self.dataset.num_classes} classes; "
+                  f"batch {t.batch_size} = {self.dist.world_size} ranks x {t.grad_accum} x {self.micro_batch}")
         batches = self._batches()
-        window = _Window()
+        first = next(batches)  # also a probe for the FLOP count; replayed below
+        self.flops_per_image = self._flops_per_image(first)
+        self.peak = t.peak_tflops or peak_tflops(self.device, t.precision, t.tf32)
+        batches = _prepend(first, batches)
+        if self._resume_rng is not None:  # the global RNG streams continue where they stopped
+            cpu_state, cuda_state = self._resume_rng
+            torch.set_rng_state(cpu_state)
+            if cuda_state is not None and self.device.type == "cuda":
+                torch.cuda.set_rng_state(cuda_state, self.device)
+
+        previous = {}
+        for sig in STOP_SIGNALS:
+            try:
+                previous[sig] = signal.signal(sig, self._on_signal)
+            except ValueError:  # not the main thread: leave signals to the host program
+                pass
+        window = _Window(self)
         bar = tqdm(total=t.steps, initial=self.step, desc="train", unit="step",
                    disable=not self.progress, dynamic_ncols=True)
         start_time = time.time()
-        last_ckpt: Path | None = None
+        stopped_by = None
         try:
             while self.step < t.steps:
                 t0 = time.perf_counter()
-                batch = next(batches)
-                t1 = time.perf_counter()
-                out = self.train_step(batch)
+                out = self.train_step(batches)
                 if self.device.type == "cuda":
                     torch.cuda.synchronize()
-                window.add(out, len(batch), data_s=t1 - t0, step_s=time.perf_counter() - t0)
+                window.add(out, step_s=time.perf_counter() - t0)
                 bar.update(1)
-                if self.step % t.log_every == 0 or self.step == t.steps:
-                    record = window.flush(self.step, time.time() - start_time, self.skipped_steps)
-                    self.metrics.write(record)
-                    bar.set_postfix(loss=f"{record['loss']:.4f}", img_s=f"{record['images_per_s']:.0f}")
+                if self.step % t.log_every == 0 or self.step == t.steps or out["stop"]:
+                    record = window.flush(time.time() - start_time)
+                    if self.main:
+                        self.telemetry.write(record)
+                        bar.set_postfix(loss=f"{record['loss']:.4f}", img_s=f"{record['images_per_s']:.0f}")
+                if self.consecutive_skips >= t.max_consecutive_skips:
+                    path = self.save()
+                    raise TrainingDiverged(
+                        f"{self.consecutive_skips} consecutive steps had a non-finite loss or gradient "
+                        f"(up to step {self.step}); stopped. The last good weights are in {path}. Lower "
+                        "train.lr, enable model.qk_norm, or raise train.max_consecutive_skips to go on."
+                    )
+                if out["stop"]:
+                    stopped_by = "signal"
+                    break
                 if self.step % t.checkpoint_every == 0 and self.step < t.steps:
-                    last_ckpt = self.save()
+                    self.save()
                 if t.sample_every > 0 and self.step % t.sample_every == 0 and self.step < t.steps:
                     self.write_grid(f"step_{self.step:07d}")
                 if cfg.eval.shapes_every > 0 and self.step % cfg.eval.shapes_every == 0 \
                         and self.step < t.steps:
                     result = self.evaluate_shapes()
-                    self.metrics.write({"step": self.step, **_eval_record(result)})
+                    if self.main:
+                        self.telemetry.write({"step": self.step, **_eval_record(result)})
         except KeyboardInterrupt:
             bar.close()
             path = self.save()
-            print(f"\nInterrupted at step {self.step}; checkpoint written to {path}. Resume with:\n"
-                  f"  ldmkit train --resume auto run.dir={self.run_dir}")
+            if self.main:
+                print(f"\nInterrupted at step {self.step}; checkpoint written to {path}. Resume with:\n"
+                      f"  ldmkit train --resume auto run.dir={self.run_dir}")
             raise
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
         bar.close()
         elapsed = time.time() - start_time
         last_ckpt = self.save()
+        if stopped_by is not None:
+            if self.main:
+                print(f"Stopped by a signal at step {self.step}; checkpoint written to {last_ckpt}. "
+                      f"Resume with:\n  ldmkit train --resume auto run.dir={self.run_dir}")
+            self._close()
+            return TrainResult(self.run_dir, last_ckpt, self.step, None, None, stopped_by)
         grid = self.write_grid("final")
         result = None
         if cfg.eval.shapes_at_end and cfg.data.name == "shapes":
             result = self.evaluate_shapes()
-            self.metrics.write({"step": self.step, **_eval_record(result)})
-            save_json(result, self.run_dir / "eval_shapes.json")
+            if self.main:
+                self.telemetry.write({"step": self.step, **_eval_record(result)})
+                save_json(result, self.run_dir / "eval_shapes.json")
         curves = None
-        try:
-            from ldmkit.plot import plot_metrics
+        if self.main:
+            try:
+                from ldmkit.plot import plot_metrics
 
-            curves = plot_metrics(self.run_dir)
-        except ImportError:
-            pass
-        self._report(elapsed, last_ckpt, grid, curves, result)
+                curves = plot_metrics(self.run_dir)
+            except ImportError:
+                pass
+            self._report(elapsed, last_ckpt, grid, curves, result)
+        self._close()
         return TrainResult(self.run_dir, last_ckpt, self.step, grid, result)
 
-    def _report(self, elapsed: float, ckpt: Path, grid: Path, curves: Path | None,
+    def _close(self) -> None:
+        if self.telemetry is not None:
+            self.telemetry.close()
+
+    def _report(self, elapsed: float, ckpt: Path, grid: Path | None, curves: Path | None,
                 result: dict[str, Any] | None) -> None:
         print(f"\nDone: {self.step} steps, {elapsed / 60:.1f} min of training"
               + (f", {self.skipped_steps} non-finite steps skipped" if self.skipped_steps else ""))
@@ -358,58 +606,82 @@ class Trainer:
         print(f"Sample more:   ldmkit sample --checkpoint {self.run_dir} --class 0 --num 16 --out grid.png")
 
 
+def _prepend(first: Batch, rest: Iterator[Batch]) -> Iterator[Batch]:
+    yield first
+    yield from rest
+
+
 def _eval_record(result: dict[str, Any]) -> dict[str, Any]:
     return {f"eval/shapes_{k}": result[k] for k in ("colour", "shape", "both") if k in result}
 
 
 class _Window:
-    """Running sums between two log lines."""
+    """Running sums between two log lines, kept on the device (no per-step host sync for logging)."""
 
-    def __init__(self) -> None:
+    def __init__(self, trainer: Trainer) -> None:
+        self.tr = trainer
         self.reset()
 
     def reset(self) -> None:
-        self.loss = self.grad = self.lr = 0.0
-        self.steps = self.images = 0
+        dev = self.tr.device
+        nb = len(LOSS_BINS) - 1
+        self.loss = torch.zeros((), device=dev, dtype=torch.float64)
+        self.grad = torch.zeros((), device=dev, dtype=torch.float64)
+        self.bin_sum = torch.zeros(nb, device=dev, dtype=torch.float64)
+        self.bin_n = torch.zeros(nb, device=dev, dtype=torch.float64)
+        self.good = self.steps = 0
         self.data_s = self.step_s = 0.0
-        self.bin_sum = torch.zeros(len(LOSS_BINS) - 1, dtype=torch.float64)
-        self.bin_n = torch.zeros(len(LOSS_BINS) - 1, dtype=torch.float64)
+        self.lr = 0.0
+        self.edges = torch.tensor(LOSS_BINS[1:-1], device=dev)
+        reset_peak_memory(dev)
 
-    def add(self, out: dict[str, Any], images: int, data_s: float, step_s: float) -> None:
+    def add(self, out: dict[str, Any], step_s: float) -> None:
+        self.steps += 1
         self.lr = out["lr"]
-        if out["finite"]:
-            self.loss += out["loss"]
-            self.grad += out["grad_norm"]
-            self.steps += 1
-            bins = torch.bucketize(out["t"], torch.tensor(LOSS_BINS[1:-1]))
-            self.bin_sum.index_add_(0, bins, out["per_sample"].double())
-            self.bin_n.index_add_(0, bins, torch.ones_like(bins, dtype=torch.float64))
-        self.images += images
-        self.data_s += data_s
+        self.data_s += out["data_s"]
         self.step_s += step_s
+        if not out["bad"]:
+            self.good += 1
+            self.loss += out["loss"].double()
+            self.grad += out["grad_norm"].double()
+            bins = torch.bucketize(out["t"], self.edges)
+            self.bin_sum.index_add_(0, bins, out["per_sample"].double())
+            self.bin_n.index_add_(0, bins, torch.ones_like(out["per_sample"], dtype=torch.float64))
 
-    def flush(self, step: int, elapsed: float, skipped: int) -> dict[str, Any]:
-        n = max(self.steps, 1)
-        record = {
-            "step": step,
-            "loss": self.loss / n if self.steps else float("nan"),
-            "grad_norm": self.grad / n if self.steps else float("nan"),
+    def flush(self, elapsed: float) -> dict[str, Any]:
+        tr = self.tr
+        d = tr.dist
+        # loss is already the global-batch mean on each rank's share; average it over ranks
+        loss = D.sum_across_ranks(d, self.loss) / d.world_size
+        bins = D.sum_across_ranks(d, torch.stack([self.bin_sum, self.bin_n]))
+        images = self.steps * tr.cfg.train.batch_size
+        images_per_s = images / max(self.step_s, 1e-9)
+        record: dict[str, Any] = {
+            "step": tr.step,
+            "loss": (loss / self.good).item() if self.good else float("nan"),
+            "grad_norm": (self.grad / self.good).item() if self.good else float("nan"),
             "lr": self.lr,
-            "images_per_s": self.images / max(self.step_s, 1e-9),
+            "images_per_s": images_per_s,
+            "steps_per_s": self.steps / max(self.step_s, 1e-9),
             "data_wait_frac": self.data_s / max(self.step_s, 1e-9),
+            "peak_mem_gib": peak_memory_gib(tr.device),
             "elapsed_s": elapsed,
-            "skipped_steps": skipped,
+            "skipped_steps": tr.skipped_steps,
         }
+        tokens = getattr(tr.model, "num_tokens", None)
+        if tokens:
+            record["tokens_per_s"] = images_per_s * tokens
+        if tr.flops_per_image:
+            record["model_tflops_per_image"] = tr.flops_per_image / 1e12
+            achieved = tr.flops_per_image * images_per_s / 1e12  # over all ranks
+            record["model_tflops_per_s"] = achieved
+            if tr.peak:
+                record["mfu"] = achieved / (tr.peak * d.world_size)
         for i in range(len(LOSS_BINS) - 1):
-            if self.bin_n[i] > 0:
-                record[f"loss_t{LOSS_BINS[i]:.2f}-{LOSS_BINS[i + 1]:.2f}"] = (
-                    self.bin_sum[i] / self.bin_n[i]).item()
+            if bins[1, i] > 0:
+                record[f"loss_t{LOSS_BINS[i]:.2f}-{LOSS_BINS[i + 1]:.2f}"] = (bins[0, i] / bins[1, i]).item()
         self.reset()
         return record
-
-
-def load_json(path: Path) -> dict[str, Any]:
-    return json.loads(Path(path).read_text())
 
 
 def save_json(data: dict[str, Any], path: Path) -> None:
@@ -419,5 +691,11 @@ def save_json(data: dict[str, Any], path: Path) -> None:
 
 
 def train(cfg: Config, resume: str | None = None, progress: bool = True) -> TrainResult:
-    """Train a model as configured; ``resume`` = "auto" or a checkpoint path continues run.dir."""
-    return Trainer(cfg, resume=resume, progress=progress).fit()
+    """Train a model as configured; ``resume`` = "auto" or a checkpoint path continues run.dir.
+
+    Under torchrun every rank calls this; the process group is started and torn down here.
+    """
+    try:
+        return Trainer(cfg, resume=resume, progress=progress).fit()
+    finally:
+        D.shutdown()
