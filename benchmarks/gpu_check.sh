@@ -1,16 +1,20 @@
 #!/usr/bin/env bash
-# One prepared script for a lent GPU: CUDA/bf16 tests, throughput table, quickstart timing.
-# Usage (repo root, GPU machine with torch installed): OUT=/some/dir bash benchmarks/gpu_check.sh
+# One prepared script for a lent GPU: CUDA tests, the speed-lever table for DiT-XL/2 at 256 px, and a
+# real training run with telemetry. Usage (repo root, a GPU machine with torch installed):
+#   OUT=/some/dir bash benchmarks/gpu_check.sh
 set -uo pipefail
 export PYTHONPATH=src PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/gpu_check}
 mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
 python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)" | tee -a "$OUT/gpu.txt"
-python3 -m pytest -q -p no:cacheprovider -m "not slow" tests 2>&1 | tail -25 | tee "$OUT/pytest.txt"
-python3 benchmarks/train_step.py --model dit-xl/2 --input-size 32 --channels 4 --batch 32 2>&1 | tee "$OUT/bench.txt"
-python3 benchmarks/train_step.py --model dit-b/2 --input-size 32 --channels 4 --batch 64 2>&1 | tee -a "$OUT/bench.txt"
-start=$(date +%s)
-python3 -m ldmkit.cli train configs/quickstart.yaml run.dir=/tmp/qs_gpu --no-progress 2>&1 | tail -12 | tee "$OUT/quickstart.txt"
-echo "quickstart wall time: $(( $(date +%s) - start )) s" | tee -a "$OUT/quickstart.txt"
-cp /tmp/qs_gpu/samples/final.png "$OUT/quickstart_gpu_final.png" 2>/dev/null || true
+timeout 200 python3 -m pytest -q -p no:cacheprovider -m "not slow" tests/test_cuda.py tests/test_engine.py \
+    tests/test_train.py 2>&1 | tail -15 | tee "$OUT/pytest.txt"
+timeout 260 python3 benchmarks/train_step.py --model dit-xl/2 --batch ${BATCH:-64} --warmup 3 --iters 10 \
+    --levers fp32,tf32,bf16,bf16+compile,bf16+compile+ckpt 2>&1 | tee "$OUT/bench.txt"
+timeout 120 python3 -m ldmkit.cli train configs/quickstart.yaml run.dir=/tmp/gpu_run model.name=dit-b/2 \
+    model.depth=null model.hidden_size=null model.num_heads=null data.image_size=32 \
+    train.batch_size=256 train.steps=150 train.precision=bf16 train.compile=true train.log_every=25 \
+    train.sample_every=0 train.checkpoint_every=1000 eval.shapes_at_end=false sample.steps=4 \
+    --no-progress 2>&1 | tail -6 | tee "$OUT/train.txt"
+tail -2 /tmp/gpu_run/metrics.jsonl | tee -a "$OUT/train.txt"
