@@ -193,7 +193,8 @@ def test_levers_leave_the_training_result_unchanged(tmp_path, lever):
     base, other = tmp_path / "base", tmp_path / "other"
     train(load_config(None, [*BASE, "train.steps=3", f"run.dir={base}"]), progress=False)
     train(load_config(None, [*BASE, "train.steps=3", lever, f"run.dir={other}"]), progress=False)
-    assert_same_run(base, other, 3, exact=False, atol=1e-6)
+    # GPU kernels (fused AdamW, split reductions) round differently from the CPU loop
+    assert_same_run(base, other, 3, exact=False, atol=1e-5 if torch.cuda.is_available() else 1e-6)
 
 
 @pytest.mark.slow
@@ -261,7 +262,7 @@ def test_too_many_consecutive_non_finite_steps_stop_with_a_checkpoint(tmp_path):
                              f"run.dir={tmp_path / 'run'}"])
     trainer = Trainer(cfg, progress=False)
     trainer.objective = _PoisonedLoss(trainer, bad_steps=range(4, 50))
-    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    before = {k: v.detach().cpu().clone() for k, v in trainer.model.state_dict().items()}
     with pytest.raises(TrainingDiverged, match="3 consecutive steps") as err:
         trainer.fit()
     assert "step_0000007" in str(err.value)
@@ -312,7 +313,10 @@ def test_metrics_hold_the_telemetry_and_tensorboard_gets_it(tmp_path):
         assert key in record and record[key] is not None, key
     assert record["tokens_per_s"] == pytest.approx(record["images_per_s"] * 16)
     assert any(k.startswith("loss_t") for k in record)
-    assert "mfu" not in record  # no known peak on a CPU
+    from ldmkit.train.telemetry import peak_tflops
+
+    known_peak = peak_tflops(torch.device("cuda" if torch.cuda.is_available() else "cpu"), "fp32", True)
+    assert ("mfu" in record) == (known_peak is not None)  # MFU only where the peak is known
     assert list((result.run_dir / "tensorboard").glob("events.out.tfevents.*"))
 
 
