@@ -30,13 +30,6 @@ BASE = [
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 
-@pytest.fixture(autouse=True)
-def _restore_threads():
-    n = torch.get_num_threads()
-    yield
-    torch.set_num_threads(n)
-
-
 def run_cli(*args, timeout=120):
     return subprocess.run([sys.executable, "-m", "ldmkit.cli", "train", *args, "--no-progress"],
                           env=ENV, capture_output=True, text=True, timeout=timeout)

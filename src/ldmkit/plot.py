@@ -8,7 +8,8 @@ from ldmkit.train.metrics import read_metrics
 
 
 def plot_metrics(run_dir: str | Path, out: str | Path | None = None) -> Path:
-    """Draw loss (overall and per timestep bin), grad norm, throughput and evaluation curves."""
+    """Draw loss (overall and per timestep bin), grad norm, learning rate, throughput, utilisation
+    (MFU, data wait) and evaluation curves."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -25,7 +26,7 @@ def plot_metrics(run_dir: str | Path, out: str | Path | None = None) -> Path:
         pts = [(r["step"], r[key]) for r in rows if r.get(key) is not None]
         return [p[0] for p in pts], [p[1] for p in pts]
 
-    fig, axes = plt.subplots(2, 2, figsize=(11, 7.5))
+    fig, axes = plt.subplots(2, 3, figsize=(15, 7.5))
     ax = axes[0, 0]
     ax.plot(*series(train, "loss"), label="loss", color="black")
     for key in sorted({k for r in train for k in r if k.startswith("loss_t")}):
@@ -36,9 +37,19 @@ def plot_metrics(run_dir: str | Path, out: str | Path | None = None) -> Path:
     ax = axes[0, 1]
     ax.plot(*series(train, "grad_norm"))
     ax.set_title("gradient norm (before clipping)")
+    ax = axes[0, 2]
+    ax.plot(*series(train, "lr"))
+    ax.set_title("learning rate")
     ax = axes[1, 0]
     ax.plot(*series(train, "images_per_s"))
     ax.set_title("throughput (images/s)")
+    ax = axes[1, 2]
+    for key, label in (("mfu", "MFU"), ("data_wait_frac", "share of step waiting for data")):
+        if any(r.get(key) is not None for r in train):
+            ax.plot(*series(train, key), label=label)
+    ax.set_ylim(0, 1)
+    ax.legend(fontsize=8)
+    ax.set_title("utilisation")
     ax = axes[1, 1]
     for key in sorted({k for r in evals for k in r if k.startswith("eval/")}):
         ax.plot(*series(evals, key), marker="o", label=key.replace("eval/", ""))

@@ -11,10 +11,12 @@ N ranks, with or without gradient accumulation, and resuming needs only the step
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
 import signal
+import sys
 import time
 from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass
@@ -181,8 +183,11 @@ class Trainer:
                 f"world size × train.grad_accum = {self.dist.world_size} × {t.grad_accum}"
             )
         self.micro_batch = per_rank
+        if t.wandb and "wandb" not in sys.modules and importlib.util.find_spec("wandb") is None:
+            raise ConfigError("config key 'train.wandb': true needs the wandb package (pip install wandb)")
 
         self.run_dir, resume_from = self._setup_run_dir(resume)
+        self._threads_before = torch.get_num_threads()  # restored when fit() ends
         if t.threads > 0:
             torch.set_num_threads(t.threads)
         if self.device.type == "cuda":
@@ -559,6 +564,7 @@ class Trainer:
         finally:
             for s, handler in previous.items():
                 signal.signal(s, handler)
+            torch.set_num_threads(self._threads_before)
         bar.close()
         elapsed = time.time() - start_time
         last_ckpt = self.save()
@@ -695,7 +701,9 @@ def train(cfg: Config, resume: str | None = None, progress: bool = True) -> Trai
 
     Under torchrun every rank calls this; the process group is started and torn down here.
     """
+    threads = torch.get_num_threads()  # train.threads applies to this run only
     try:
         return Trainer(cfg, resume=resume, progress=progress).fit()
     finally:
         D.shutdown()
+        torch.set_num_threads(threads)
