@@ -104,7 +104,6 @@ def run(args: argparse.Namespace, device: torch.device, spec: str, flops: float)
     images_per_s = args.batch * args.iters / elapsed
     peak = peak_tflops(device, "fp32" if precision == "tf32" else precision, precision == "tf32")
     achieved = flops * images_per_s / 1e12
-    del model, opt
     return {
         "spec": spec, "images_per_s": images_per_s, "steps_per_s": args.iters / elapsed,
         "ms_per_step": 1000 * elapsed / args.iters, "tflops": achieved,
