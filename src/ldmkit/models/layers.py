@@ -220,6 +220,36 @@ class Attention(nn.Module):
         return self.proj(x)  # (B, N, D)
 
 
+class CrossAttention(nn.Module):
+    """Multi-head attention from tokens x (B, N, D) to a context (B, L, D_ctx): q from x, k and v from
+    the context (fused ``kv`` projection), optional QK-RMSNorm, SDPA. ``context_mask`` (B, L) bool marks
+    the context tokens that may be attended to (None: all)."""
+
+    def __init__(self, dim: int, context_dim: int, num_heads: int, qkv_bias: bool = True,
+                 qk_norm: bool = False) -> None:
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"CrossAttention: dim {dim} is not divisible by num_heads {num_heads}")
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.q = nn.Linear(dim, dim, bias=qkv_bias)
+        self.kv = nn.Linear(context_dim, 2 * dim, bias=qkv_bias)
+        self.q_norm = nn.RMSNorm(self.head_dim, eps=1e-6) if qk_norm else nn.Identity()
+        self.k_norm = nn.RMSNorm(self.head_dim, eps=1e-6) if qk_norm else nn.Identity()
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: Tensor, context: Tensor, context_mask: Optional[Tensor] = None) -> Tensor:
+        B, N, D = x.shape
+        L = context.shape[1]
+        q = self.q(x).reshape(B, N, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, N, d)
+        kv = self.kv(context).reshape(B, L, 2, self.num_heads, self.head_dim)  # (B, L, 2, H, d)
+        k, v = kv.permute(2, 0, 3, 1, 4).unbind(0)  # 2 x (B, H, L, d)
+        q, k = self.q_norm(q), self.k_norm(k)
+        mask = None if context_mask is None else context_mask[:, None, None, :]  # (B, 1, 1, L)
+        x = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, H, N, d)
+        return self.proj(x.transpose(1, 2).reshape(B, N, D))  # (B, N, D)
+
+
 class Mlp(nn.Module):
     """Linear -> GELU(tanh approximation) -> Linear."""
 
