@@ -149,9 +149,42 @@ def cmd_config(args: argparse.Namespace) -> int:
 
 def cmd_models(args: argparse.Namespace) -> int:
     from ldmkit.models import list_models
+    from ldmkit.models.catalog import table
 
-    for name in list_models():
-        print(name)
+    names = [n for n in list_models() if not args.filter or args.filter in n]
+    if not names:
+        raise ConfigError(f"no model name contains {args.filter!r}")
+    print(table(names, tuple(args.resolutions)))
+    print("\nParameters as built for 1000 classes (text presets: their own conditioning); GFLOPs are real "
+          "FLOPs (a multiply-add counts 2) of one forward pass per image on f8-VAE latents.")
+    return 0
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    import torch
+
+    from ldmkit.models import convert
+    from ldmkit.train.checkpoint import load_model, save_weights
+
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()):
+        raise ConfigError(f"output directory {str(out)!r} exists and is not empty")
+    if args.direction == "to-diffusers":
+        model, _ = load_model(args.source, ema=not args.no_ema)
+        dm = convert.to_diffusers(model)
+        dm.save_pretrained(str(out))
+        print(f"Wrote diffusers {type(dm).__name__} ({'raw' if args.no_ema else 'EMA'} weights of "
+              f"{args.source}) to {out}")
+    elif args.direction == "from-diffusers":
+        model = convert.from_diffusers(convert.load_diffusers(args.source, args.subfolder))
+        save_weights(model, out)
+        print(f"Wrote ldmkit {model.arch} weights to {out} (model.json + model.safetensors)")
+    else:  # from-official-dit
+        from ldmkit.models.convert_dit import from_official
+
+        state = torch.load(args.source, map_location="cpu", weights_only=True)
+        save_weights(from_official(state), out)
+        print(f"Wrote ldmkit dit weights to {out} (model.json + model.safetensors)")
     return 0
 
 
@@ -207,8 +240,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*")
     p.set_defaults(func=cmd_config)
 
-    p = sub.add_parser("models", help="list the named models")
+    p = sub.add_parser("models", help="list the named models with parameter counts and GFLOPs")
+    p.add_argument("filter", nargs="?", help="only names containing this text (e.g. dit-xl)")
+    p.add_argument("--resolutions", type=int, nargs="+", default=[256, 512], help="pixel resolutions")
     p.set_defaults(func=cmd_models)
+
+    p = sub.add_parser("convert", help="convert weights to/from diffusers or the official DiT layout")
+    p.add_argument("direction", choices=["to-diffusers", "from-diffusers", "from-official-dit"])
+    p.add_argument("source", help="to-diffusers: an ldmkit checkpoint, run or weights directory; "
+                                  "from-diffusers: a diffusers model directory or hub id; "
+                                  "from-official-dit: a facebookresearch/DiT .pt file")
+    p.add_argument("out", help="output directory (must not exist or be empty)")
+    p.add_argument("--subfolder", help="from-diffusers: subfolder of a pipeline (e.g. transformer, unet)")
+    p.add_argument("--no-ema", action="store_true", help="to-diffusers: the raw weights, not the EMA")
+    p.set_defaults(func=cmd_convert)
     return parser
 
 

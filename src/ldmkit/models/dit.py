@@ -102,6 +102,7 @@ class DiT(nn.Module):
         num_classes: int = 1000,
         learn_sigma: bool = False,
         qk_norm: bool = False,
+        time_freq_shift: int = 0,
     ) -> None:
         super().__init__()
         if input_size % patch_size:
@@ -119,6 +120,7 @@ class DiT(nn.Module):
             num_classes=int(num_classes),
             learn_sigma=bool(learn_sigma),
             qk_norm=bool(qk_norm),
+            time_freq_shift=int(time_freq_shift),
         )
         self.input_size = input_size
         self.patch_size = patch_size
@@ -131,7 +133,9 @@ class DiT(nn.Module):
         self.grad_checkpointing = False
 
         self.x_embedder = PatchEmbed(patch_size, in_channels, hidden_size)
-        self.t_embedder = TimestepEmbedder(hidden_size)
+        # time_freq_shift=1 reproduces diffusers' DiTTransformer2DModel (its port divides the frequency
+        # exponent by half - 1); the original DiT, and our default, use 0.
+        self.t_embedder = TimestepEmbedder(hidden_size, freq_shift=time_freq_shift)
         self.y_embedder = LabelEmbedder(num_classes, hidden_size) if num_classes > 0 else None
         # Fixed sin-cos table, stored like the original: a frozen Parameter (in state_dict and in the
         # parameter count, excluded from optimisation by requires_grad=False).

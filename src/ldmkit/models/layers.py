@@ -36,17 +36,18 @@ def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
 #################################################################################
 
 
-def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
+def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0, freq_shift: float = 0.0) -> Tensor:
     """Sinusoidal embedding of (possibly fractional) timesteps, DiT/GLIDE convention.
 
     ``emb = [cos(t * f_0), ..., cos(t * f_{h-1}), sin(t * f_0), ..., sin(t * f_{h-1})]`` with
-    ``h = dim // 2`` and ``f_i = max_period ** (-i / h)``; a zero column is appended when ``dim`` is odd.
-    The frequencies are computed in float32 exactly as DiT does, so converted checkpoints see the same
-    features. Returns (B, dim) float32.
+    ``h = dim // 2`` and ``f_i = max_period ** (-i / (h - freq_shift))``; a zero column is appended when
+    ``dim`` is odd. ``freq_shift = 0`` is DiT/SD3/SDXL; diffusers' port of DiT uses 1. The frequencies
+    are computed in float32 exactly as the originals do, so converted checkpoints see the same features.
+    Returns (B, dim) float32.
     """
     half = dim // 2
     idx = torch.arange(half, dtype=torch.float32, device=t.device)  # (h,)
-    freqs = torch.exp(-math.log(max_period) * idx / half)  # (h,)
+    freqs = torch.exp(-math.log(max_period) * idx / (half - freq_shift))  # (h,)
     args = t.float()[:, None] * freqs[None]  # (B, h)
     emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)  # (B, 2h)
     if dim % 2:
@@ -66,6 +67,7 @@ class TimestepEmbedder(nn.Module):
         frequency_embedding_size: int = 256,
         max_period: float = 10000.0,
         time_scale: float = 1000.0,
+        freq_shift: float = 0.0,
     ) -> None:
         super().__init__()
         self.mlp = nn.Sequential(
@@ -76,9 +78,11 @@ class TimestepEmbedder(nn.Module):
         self.frequency_embedding_size = frequency_embedding_size
         self.max_period = max_period
         self.time_scale = time_scale
+        self.freq_shift = freq_shift
 
     def forward(self, t: Tensor) -> Tensor:
-        t_freq = timestep_embedding(self.time_scale * t.float(), self.frequency_embedding_size, self.max_period)
+        t_freq = timestep_embedding(self.time_scale * t.float(), self.frequency_embedding_size, self.max_period,
+                                    self.freq_shift)
         # Cast so that a model converted with .to(bf16) works without autocast.
         return self.mlp(t_freq.to(self.mlp[0].weight.dtype))  # (B, D)
 

@@ -130,8 +130,11 @@ def resolve_checkpoint(path: str | Path) -> Path:
 
 
 def load_model(checkpoint: str | Path, ema: bool = True,
-               device: torch.device | str = "cpu") -> tuple[nn.Module, dict[str, Any]]:
-    """Rebuild the model of a checkpoint (EMA weights by default) and return it with the run config."""
+               device: torch.device | str = "cpu") -> tuple[nn.Module, dict[str, Any] | None]:
+    """Rebuild the model of a checkpoint (EMA weights by default) and return it with the run config;
+    a weights-only directory (e.g. a converted model) gives its model and None."""
+    if is_weights_dir(Path(checkpoint)) and not is_checkpoint(Path(checkpoint)):
+        return load_weights(checkpoint, device), None
     ckpt = resolve_checkpoint(checkpoint)
     arch_cfg = json.loads((ckpt / "model.json").read_text())
     model = model_from_config(arch_cfg)
@@ -139,6 +142,38 @@ def load_model(checkpoint: str | Path, ema: bool = True,
     model.load_state_dict(weights, strict=True)
     config = json.loads((ckpt / "config.json").read_text())
     return model.to(device).eval(), config
+
+
+def save_weights(model: nn.Module, out_dir: str | Path) -> Path:
+    """A weights-only directory (model.json + model.safetensors), e.g. a converted model; refuses to
+    write into an existing non-empty directory."""
+    out = Path(out_dir)
+    if out.exists() and any(out.iterdir()):
+        raise FileExistsError(f"{str(out)!r} already exists and is not empty; choose another output directory")
+    tmp = out.with_name(f".{out.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    save_file(state, str(tmp / "model.safetensors"))
+    (tmp / "model.json").write_text(json.dumps(model_config(model), indent=2))
+    if out.exists():
+        out.rmdir()
+    tmp.rename(out)
+    return out
+
+
+def is_weights_dir(path: Path) -> bool:
+    return path.is_dir() and (path / "model.json").is_file() and (path / "model.safetensors").is_file()
+
+
+def load_weights(path: str | Path, device: torch.device | str = "cpu") -> nn.Module:
+    """The model of a weights directory (or of a checkpoint's raw weights)."""
+    path = Path(path)
+    if not is_weights_dir(path):
+        raise FileNotFoundError(f"{str(path)!r} has no model.json + model.safetensors")
+    model = model_from_config(json.loads((path / "model.json").read_text()))
+    model.load_state_dict(load_file(str(path / "model.safetensors")), strict=True)
+    return model.to(device).eval()
 
 
 def load_train_state(checkpoint: Path) -> dict[str, Any]:
