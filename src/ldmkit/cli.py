@@ -155,8 +155,9 @@ def cmd_models(args: argparse.Namespace) -> int:
     if not names:
         raise ConfigError(f"no model name contains {args.filter!r}")
     print(table(names, tuple(args.resolutions)))
-    print("\nParameters as built for 1000 classes (text presets: their own conditioning); GFLOPs are real "
-          "FLOPs (a multiply-add counts 2) of one forward pass per image on f8-VAE latents.")
+    print("\nAs published: class-conditional on 1000 classes (sd3-medium, sdxl: text), DiT/MDT/PixArt with "
+          "learned variance, f8 x 4 latents (ldm-4-g: f4 x 3, sd3-medium: f8 x 16). GFLOPs are real FLOPs (a "
+          "multiply-add counts 2) of one forward pass per image; text presets with 77 tokens. See docs/models.md.")
     return 0
 
 

@@ -72,13 +72,16 @@ class ModelConfig:
     num_heads: Optional[int] = None
     patch_size: Optional[int] = None
     mlp_ratio: Optional[float] = None
-    learn_sigma: bool = False
-    qk_norm: bool = False
+    learn_sigma: Optional[bool] = None  # DDPM learned variance (None: the preset's, i.e. off)
+    qk_norm: Optional[bool] = None
+    # Any other constructor argument of the architecture, e.g. {class_in_adaln: true} for mmDiT.
+    options: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
 class DiffusionConfig:
-    objective: Literal["flow"] = "flow"
+    objective: Literal["flow", "flow_masked"] = "flow"  # flow_masked: MDT's two-pass masked training
+    mask_ratio: tuple[float, float] = (0.3, 0.5)  # flow_masked: per-step mask ratio ~ U[lo, hi]
     timesteps: Literal["uniform", "logit_normal"] = "logit_normal"
     logit_mean: float = 0.0
     logit_std: float = 1.0
@@ -190,6 +193,8 @@ def _type_name(tp: Any) -> str:
         return " | ".join(repr(a) for a in typing.get_args(tp))
     if origin in (Union, types.UnionType):
         return " | ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is dict:
+        return "mapping"
     if origin in (list, tuple):
         return f"{origin.__name__}[{', '.join(_type_name(a) for a in typing.get_args(tp))}]"
     return getattr(tp, "__name__", str(tp))
@@ -221,6 +226,14 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
         raise ConfigError(
             f"config key {key!r}: {value!r} is not one of {', '.join(repr(a) for a in args)}{hint}"
         )
+    if origin is dict:
+        if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+            raise ConfigError(f"config key {key!r}: expected a mapping of names to values, got {value!r}")
+        return dict(value)
+    if origin is dict:
+        if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+            raise ConfigError(f"config key {key!r}: expected a mapping of names to values, got {value!r}")
+        return dict(value)
     if origin in (list, tuple):
         if isinstance(value, str):  # "a,b" on the command line
             value = [yaml.safe_load(v) for v in value.split(",")]

@@ -8,7 +8,8 @@ Every model follows one interface:
   arguments), so ``model_from_config({"arch": model.arch, **model.init_kwargs})`` rebuilds it.
 
 ``build_model("dit-xl/2", in_channels=4, input_size=32, num_classes=1000)`` builds a named preset;
-presets only fix the architecture's size (depth, width, heads, patch), the data fixes the rest.
+presets only fix the architecture's size (depth, width, heads, patch), the data fixes the rest
+(``DATA_KEYS``), and keyword overrides set any other constructor argument.
 """
 
 from __future__ import annotations
@@ -19,11 +20,12 @@ from typing import Any
 
 from torch import nn
 
+from ldmkit.models import mdt, mmdit, pixart, unet
 from ldmkit.models.dit import DiT
 
-# arch name -> model class. Later: "mdt", "pixart", "mmdit", "unet".
+# arch name -> model class
 ARCHITECTURES: dict[str, type[nn.Module]] = {
-    DiT.arch: DiT,
+    cls.arch: cls for cls in (DiT, mdt.MDT, pixart.PixArt, mmdit.MMDiT, mmdit.MMDiTImproved, unet.UNet)
 }
 
 
@@ -45,11 +47,23 @@ def _dit_presets() -> dict[str, dict[str, Any]]:
     return presets
 
 
-# preset name -> {"arch": ..., constructor kwargs fixed by the preset}
-PRESETS: dict[str, dict[str, Any]] = {**_dit_presets()}
+def _with_arch(arch: str, presets: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    return {name: {"arch": arch, **kw} for name, kw in presets.items()}
 
-# Keys build_model lets a caller override on top of a preset.
-OVERRIDABLE = ("depth", "hidden_size", "num_heads", "patch_size", "mlp_ratio", "learn_sigma", "qk_norm")
+
+# preset name -> {"arch": ..., constructor kwargs fixed by the preset}
+PRESETS: dict[str, dict[str, Any]] = {
+    **_dit_presets(),
+    **_with_arch("mdt", mdt.PRESETS),
+    **_with_arch("pixart", pixart.PRESETS),
+    **mmdit.PRESETS,  # mmdit-*, mmdit-improved-*, sd3-medium (arch set per preset)
+    **_with_arch("unet", unet.PRESETS),
+}
+# SDXL's U-Net is text-conditional: two CLIP encoders' tokens (2048) and pooled vector (1280)
+PRESETS["sdxl"].update(context_dim=2048, pooled_dim=1280)
+
+# Keys that come from the data rather than from a preset or an override.
+DATA_KEYS = ("in_channels", "input_size", "num_classes", "context_dim", "pooled_dim")
 
 
 def list_models() -> list[str]:
@@ -62,26 +76,42 @@ def _close(name: str, valid: list[str]) -> str:
     return f"closest: {close}" if close else f"valid: {valid}"
 
 
-def build_model(name: str, *, in_channels: int, input_size: int, num_classes: int, **overrides: Any) -> nn.Module:
+def build_model(name: str, *, in_channels: int, input_size: int, num_classes: int, context_dim: int = 0,
+                pooled_dim: int = 0, **overrides: Any) -> nn.Module:
     """Build preset ``name`` (see ``list_models()``, case-insensitive) for latents of shape
-    (in_channels, input_size, input_size) and ``num_classes`` classes (0 = unconditional).
+    (in_channels, input_size, input_size), ``num_classes`` classes (0: none) and, for text
+    conditioning, token embeddings of width ``context_dim`` and a pooled vector of ``pooled_dim``.
 
-    ``overrides`` may replace any of ``OVERRIDABLE``; None values are ignored. Works under
-    ``with torch.device("meta"):`` (parameters are then allocated on that device).
+    ``overrides`` may set any other constructor argument of the architecture (None values are
+    ignored), e.g. ``depth=6`` or ``class_in_adaln=True``. Works under ``with torch.device("meta"):``.
     """
     key = name.lower()
     if key not in PRESETS:
         raise ValueError(f"Unknown model {name!r}; {_close(key, list(PRESETS))}")
-    unknown = [k for k in overrides if k not in OVERRIDABLE]
-    if unknown:
-        raise ValueError(
-            f"build_model: cannot override {unknown}; overridable keys: {list(OVERRIDABLE)} "
-            f"({'; '.join(_close(k, list(OVERRIDABLE)) for k in unknown)})"
-        )
     cfg = dict(PRESETS[key])
-    cfg.update(in_channels=in_channels, input_size=input_size, num_classes=num_classes)
+    accepted = _constructor_keys(cfg["arch"])
+    data = dict(in_channels=in_channels, input_size=input_size, num_classes=num_classes,
+                context_dim=context_dim, pooled_dim=pooled_dim)
+    for k, v in data.items():
+        if k not in accepted:
+            if v:
+                raise ValueError(f"model {name!r} ({cfg['arch']}) does not take {k} (got {v}): "
+                                 f"it has no {'text' if k != 'num_classes' else 'class'} conditioning")
+            continue
+        if k in ("context_dim", "pooled_dim") and not v and k in cfg:
+            continue  # a text preset (e.g. sd3-medium) keeps its encoder widths unless the data sets them
+        cfg[k] = v
+    clash = [k for k in overrides if k in DATA_KEYS or k == "arch"]
+    if clash:
+        raise ValueError(f"build_model: {clash} come from the data, not from overrides")
     cfg.update({k: v for k, v in overrides.items() if v is not None})
     return model_from_config(cfg)
+
+
+def _constructor_keys(arch: str) -> list[str]:
+    if arch not in ARCHITECTURES:
+        raise ValueError(f"unknown arch {arch!r}; {_close(str(arch), list(ARCHITECTURES))}")
+    return [k for k in inspect.signature(ARCHITECTURES[arch].__init__).parameters if k != "self"]
 
 
 def model_from_config(cfg: dict[str, Any]) -> nn.Module:
@@ -93,8 +123,7 @@ def model_from_config(cfg: dict[str, Any]) -> nn.Module:
     if arch not in ARCHITECTURES:
         raise ValueError(f"model_from_config: unknown arch {arch!r}; {_close(str(arch), list(ARCHITECTURES))}")
     cls = ARCHITECTURES[arch]
-    params = inspect.signature(cls.__init__).parameters
-    valid = [k for k in params if k != "self"]
+    valid = _constructor_keys(arch)
     unknown = [k for k in cfg if k not in valid]
     if unknown:
         raise ValueError(
@@ -104,4 +133,4 @@ def model_from_config(cfg: dict[str, Any]) -> nn.Module:
     return cls(**cfg)
 
 
-__all__ = ["ARCHITECTURES", "PRESETS", "DiT", "build_model", "list_models", "model_from_config"]
+__all__ = ["ARCHITECTURES", "DATA_KEYS", "PRESETS", "DiT", "build_model", "list_models", "model_from_config"]

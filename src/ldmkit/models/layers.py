@@ -125,7 +125,8 @@ class PatchEmbed(nn.Module):
         if x.shape[-2] % p or x.shape[-1] % p:
             raise ValueError(f"PatchEmbed: input size {tuple(x.shape[-2:])} is not divisible by patch size {p}")
         x = self.proj(x)  # (B, D, H/p, W/p)
-        return x.flatten(2).transpose(1, 2)  # (B, N, D)
+        # contiguous: a transposed view would make every later op (norms, matmuls) work on strided data
+        return x.flatten(2).transpose(1, 2).contiguous()  # (B, N, D)
 
 
 def unpatchify(x: Tensor, patch_size: int, channels: int, grid_size: GridSize) -> Tensor:

@@ -12,6 +12,7 @@ N ranks, with or without gradient accumulation, and resuming needs only the step
 from __future__ import annotations
 
 import importlib.util
+import inspect
 import json
 import math
 import os
@@ -131,6 +132,19 @@ def lr_at(step: int, cfg: Config) -> float:
     return t.lr
 
 
+def build_objective(cfg: Config, model: torch.nn.Module) -> FlowMatching:
+    d = cfg.diffusion
+    if d.objective == "flow_masked":
+        from ldmkit.diffusion.masking import MaskedFlowMatching
+
+        if "mask" not in inspect.signature(model.forward).parameters:
+            raise ConfigError(f"config key 'diffusion.objective': 'flow_masked' needs a model that takes a "
+                              f"token mask (MDT); {cfg.model.name!r} does not")
+        return MaskedFlowMatching(d.timesteps, d.logit_mean, d.logit_std, patch_size=model.patch_size,
+                                  mask_ratio_min=d.mask_ratio[0], mask_ratio_max=d.mask_ratio[1])
+    return FlowMatching(d.timesteps, d.logit_mean, d.logit_std)
+
+
 def step_seed(seed: int, step: int) -> int:
     """Seed of the random draws of optimizer step ``step`` (well mixed, independent of world size)."""
     return int(np.random.SeedSequence([seed, step, 0x5EED]).generate_state(1, dtype=np.uint64)[0] >> 1)
@@ -204,7 +218,7 @@ class Trainer:
             m.name, in_channels=self.latent_shape[0], input_size=size,
             num_classes=self.dataset.num_classes, depth=m.depth, hidden_size=m.hidden_size,
             num_heads=m.num_heads, patch_size=m.patch_size, mlp_ratio=m.mlp_ratio,
-            learn_sigma=m.learn_sigma, qk_norm=m.qk_norm,
+            learn_sigma=m.learn_sigma, qk_norm=m.qk_norm, **m.options,
         ).to(self.device)
         self.model_json = model_config(self.model)
         self.n_params = sum(p.numel() for p in self.model.parameters())
@@ -229,8 +243,7 @@ class Trainer:
             **_optimizer_flags(t.optimizer_impl, self.device, sharding),
         )
         self.scaler = torch.amp.GradScaler(self.device.type) if t.precision == "fp16" else None
-        self.objective = FlowMatching(cfg.diffusion.timesteps, cfg.diffusion.logit_mean,
-                                      cfg.diffusion.logit_std)
+        self.objective = build_objective(cfg, self.model)
         self.step = 0
         self._resume_rng = None
         self.data_position = 0  # global samples consumed
