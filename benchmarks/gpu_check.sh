@@ -1,13 +1,21 @@
 #!/usr/bin/env bash
 # One prepared script for a lent GPU: CUDA tests, the speed-lever table for DiT-XL/2 at 256 px, and a
-# real training run with telemetry. Usage (repo root, a GPU machine with torch installed):
-#   OUT=/some/dir bash benchmarks/gpu_check.sh
+# real training run with telemetry; with the argument `reference`, instead: ours against diffusers for
+# DiT-XL/2 and mmDiT-XL/2 (needs diffusers). Usage (repo root, a GPU machine with torch installed):
+#   OUT=/some/dir bash benchmarks/gpu_check.sh [reference]
 set -uo pipefail
 export PYTHONPATH=src PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/gpu_check}
 mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
 python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)" | tee -a "$OUT/gpu.txt"
+if [ "${1:-}" = reference ]; then
+    for model in dit-xl/2 mmdit-xl/2; do
+        timeout 280 python3 benchmarks/train_step.py --model $model --batch ${BATCH:-64} --warmup 3 --iters 10 \
+            --levers bf16,bf16+compile --reference diffusers 2>&1 | grep -v Warning | tee -a "$OUT/reference.txt"
+    done
+    exit 0
+fi
 timeout 200 python3 -m pytest -q -p no:cacheprovider -m "not slow" tests/test_cuda.py tests/test_engine.py \
     tests/test_train.py 2>&1 | tail -15 | tee "$OUT/pytest.txt"
 timeout 260 python3 benchmarks/train_step.py --model dit-xl/2 --batch ${BATCH:-64} --warmup 3 --iters 10 \

@@ -11,8 +11,8 @@ from safetensors.torch import load_file
 from ldmkit.cli import main
 from ldmkit.config import load_config
 from ldmkit.data.stream import StreamSampler
-from ldmkit.train.checkpoint import CHECKPOINT_FILES, list_checkpoints, load_model
-from ldmkit.train.trainer import RunDirError, lr_at, train
+from ldmkit.train.checkpoint import CHECKPOINT_FILES, list_checkpoints, load_model, save_weights
+from ldmkit.train.trainer import RunDirError, Trainer, lr_at, train
 
 TINY = [
     "data.image_size=16", "data.shapes.colours=[red,green,blue]", "model.name=dit-tiny/4",
@@ -174,3 +174,21 @@ def test_stream_is_resumable_and_shards_are_disjoint():
         assert ranks[0][2 * step : 2 * step + 2] + ranks[1][2 * step : 2 * step + 2] == full[4 * step : 4 * step + 4]
     with pytest.raises(ValueError, match="divisible"):
         StreamSampler(10, seed=3, global_batch=5, world_size=2)
+
+
+def test_init_from_a_run_or_a_weights_dir_starts_from_those_weights(tmp_path):
+    source = tmp_path / "source"
+    train(tiny_config(source, "train.steps=3"), progress=False)
+    ema = load_file(str(source / "checkpoints/step_0000003/ema.safetensors"))
+    weights_dir = save_weights(load_model(source)[0], tmp_path / "weights")
+
+    for init in (source, weights_dir):
+        trainer = Trainer(tiny_config(tmp_path / f"from_{init.name}", f"model.init_from={init}"), progress=False)
+        state = trainer.model.state_dict()
+        assert set(state) == set(ema) and all(torch.equal(state[k], ema[k]) for k in ema)
+
+    with pytest.raises(ValueError, match=r"model.init_from=.*shape mismatch: \['"):
+        Trainer(tiny_config(tmp_path / "wider", f"model.init_from={source}", "model.hidden_size=96"),
+                progress=False)
+    with pytest.raises(FileNotFoundError, match="model.init_from"):
+        Trainer(tiny_config(tmp_path / "nowhere", f"model.init_from={tmp_path / 'missing'}"), progress=False)

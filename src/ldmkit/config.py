@@ -76,6 +76,9 @@ class ModelConfig:
     qk_norm: Optional[bool] = None
     # Any other constructor argument of the architecture, e.g. {class_in_adaln: true} for mmDiT.
     options: dict[str, Any] = field(default_factory=dict)
+    # Initial weights for fine-tuning: a weights directory (e.g. from `ldmkit convert`) or a checkpoint /
+    # run directory (its EMA weights). Names and shapes must match the configured model exactly.
+    init_from: Optional[str] = None
 
 
 @dataclass

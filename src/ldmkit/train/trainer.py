@@ -39,7 +39,7 @@ from ldmkit.diffusion.flow import FlowMatching
 from ldmkit.models import build_model, model_from_config
 from ldmkit.sampling import generate, make_grid
 from ldmkit.train import distributed as D
-from ldmkit.train.checkpoint import (list_checkpoints, load_train_state, model_config,
+from ldmkit.train.checkpoint import (list_checkpoints, load_initial_weights, load_train_state, model_config,
                                      resolve_checkpoint, save_checkpoint)
 from ldmkit.train.ema import EMA
 from ldmkit.train.metrics import read_metrics
@@ -220,6 +220,10 @@ class Trainer:
             num_heads=m.num_heads, patch_size=m.patch_size, mlp_ratio=m.mlp_ratio,
             learn_sigma=m.learn_sigma, qk_norm=m.qk_norm, **m.options,
         ).to(self.device)
+        if m.init_from and resume_from is None:  # fine-tuning; a resume restores its own weights
+            source = load_initial_weights(self.model, m.init_from)
+            if self.main:
+                print(f"Initial weights: {source}")
         self.model_json = model_config(self.model)
         self.n_params = sum(p.numel() for p in self.model.parameters())
 
