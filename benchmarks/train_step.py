@@ -138,7 +138,8 @@ def check_parity(args: argparse.Namespace, device: torch.device) -> float:
         ours = build_ours(args)
     with torch.no_grad():
         for p in ours.parameters():
-            p.add_(0.02 * torch.randn_like(p))
+            if p.requires_grad:  # not fixed tables (DiT's pos_embed), which diffusers rebuilds itself
+                p.add_(0.02 * torch.randn_like(p))
     ref = to_diffusers(ours).eval()  # eval: no label dropout in diffusers' DiT
     f_ours, f_ref = ours.eval(), diffusers_call(ref)
     x, cond = make_inputs(args, 2, device, seed=1)

@@ -1,0 +1,37 @@
+"""benchmarks/train_step.py runs end to end against diffusers and prints a well-formed table (the
+speed numbers themselves come from real runs recorded in benchmarks/RESULTS.md, not from here)."""
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("diffusers")
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "train_step.py"
+
+
+def run(*args: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, str(SCRIPT), "--input-size", "8", "--batch", "2", "--device", "cpu", "--warmup", "1",
+           "--iters", "2", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=False)
+
+
+@pytest.mark.slow
+def test_reference_rows_time_the_same_function():
+    out = run("--model", "mmdit-tiny/2", "--levers", "fp32", "--reference", "diffusers", "--text-len", "4",
+              "--text-dim", "16")
+    assert out.returncode == 0, out.stderr[-2000:]
+    difference = float(re.search(r"relative max difference ours vs diffusers: (\S+)", out.stdout).group(1))
+    assert difference < 1e-5
+    rows = [line for line in out.stdout.splitlines() if line.startswith("| fp32 |")]
+    assert [r.split("|")[2].strip() for r in rows] == ["ours", "diffusers"]
+    ratio = float(rows[0].split("|")[-2].strip().rstrip("x"))
+    ours, theirs = (float(r.split("|")[3]) for r in rows)
+    assert ratio == pytest.approx(ours / theirs, rel=0.02)
+
+
+def test_architecture_without_a_diffusers_counterpart_is_refused():
+    out = run("--model", "mdt-tiny/2", "--levers", "fp32", "--reference", "diffusers")
+    assert out.returncode != 0 and "mdt has no diffusers counterpart" in out.stderr
