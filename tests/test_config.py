@@ -98,3 +98,12 @@ def test_round_trip_through_dict_and_yaml(tmp_path):
 @pytest.mark.parametrize("recipe", sorted(p.name for p in CONFIGS.glob("*.yaml")))
 def test_shipped_recipes_load(recipe):
     load_config(CONFIGS / recipe)
+
+
+def test_model_options_may_not_shadow_model_keys_or_data():
+    with pytest.raises(ConfigError, match=r"'model.options.qk_norm': set it as model.qk_norm"):
+        load_config(None, ["model.options={qk_norm: true}"])
+    with pytest.raises(ConfigError, match=r"'model.options.num_classes': comes from the data"):
+        load_config(None, ["model.options={num_classes: 3}"])
+    assert load_config(None, ["model.name=mmdit-tiny/2", "model.options={class_tokens: 2}"]).model.options == {
+        "class_tokens": 2}
