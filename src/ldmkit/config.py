@@ -351,12 +351,12 @@ def validate(cfg: Config) -> None:
     need(cfg.sample.steps > 0, "sample.steps", f"must be > 0, got {cfg.sample.steps}")
     need(cfg.sample.shift > 0, "sample.shift", f"must be > 0, got {cfg.sample.shift}")
     need(cfg.diffusion.logit_std > 0, "diffusion.logit_std", "must be > 0")
+    from ldmkit.models import DATA_KEYS, list_models  # late: models import torch, configs should not need to
+
     own = {f.name for f in dataclasses.fields(ModelConfig)} - {"options", "name", "init_from"}
-    data_keys = {"in_channels", "input_size", "num_classes", "context_dim", "pooled_dim", "arch"}
     for k in cfg.model.options:
         need(k not in own, f"model.options.{k}", f"set it as model.{k}, not inside model.options")
-        need(k not in data_keys, f"model.options.{k}", "comes from the data, not from the config")
-    from ldmkit.models import list_models  # late: models import torch, configs should not need to
+        need(k not in (*DATA_KEYS, "arch"), f"model.options.{k}", "comes from the data, not from the config")
 
     names = list_models()
     if cfg.model.name.lower() not in names:
