@@ -1,0 +1,74 @@
+"""Text tokens for conditioning: padding modes (METHOD.md §4).
+
+A frozen encoder gives ``n_valid`` real token embeddings per prompt (specials included, as the encoder
+emits them); models take a fixed length L. ``pad_tokens`` fills positions ``n_valid..L-1``:
+
+- ``zero``: zeros, with a mask that marks them (``use_mask=False`` leaves every position attendable,
+  the "dead tokens" the paper criticises);
+- ``replicate``: the real tokens repeated cyclically, ``out[i] = emb[i % n_valid]``, all unmasked;
+- ``noisy_replicate``: the same plus ``σ · rms(real tokens) · N(0, I)`` on the replicas only, where the
+  RMS is over all real tokens and channels of that prompt; by default only in training.
+
+The null prompt for guidance is the encoding of the empty string, padded the same way.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, Optional
+
+import torch
+from torch import Tensor
+
+PaddingMode = Literal["zero", "replicate", "noisy_replicate"]
+PADDING_MODES = ("zero", "replicate", "noisy_replicate")
+
+
+def pad_tokens(emb: Tensor, n_valid: Tensor, length: int, mode: PaddingMode = "noisy_replicate",
+               sigma: float = 0.1, noise: bool = True, use_mask: bool = True,
+               generator: Optional[torch.Generator] = None) -> tuple[Tensor, Optional[Tensor]]:
+    """Pad (or truncate) encoder outputs to ``length`` tokens.
+
+    Args:
+        emb: (B, L_in, D) token embeddings; row b holds ``n_valid[b]`` real tokens first (the rest is
+            ignored, whatever it holds).
+        n_valid: (B,) int, 1 <= n_valid[b] <= L_in (an encoder always emits at least one token).
+        length: L, the model's text length; real tokens beyond L are truncated.
+        mode: ``zero | replicate | noisy_replicate``.
+        sigma: noise scale of ``noisy_replicate``, relative to the RMS of the prompt's real tokens.
+        noise: add the noise (callers pass ``training or noise_at_inference``).
+        use_mask: ``zero`` mode only: return a mask of the real tokens (else None).
+        generator: for the noise (the trainer passes its per-step generator: reproducible).
+
+    Returns:
+        (B, L, D) tokens and a (B, L) bool mask (True = real token) or None when every position may be
+        attended to.
+    """
+    if mode not in PADDING_MODES:
+        raise ValueError(f"text padding mode {mode!r}: expected one of {PADDING_MODES}")
+    if emb.ndim != 3:
+        raise ValueError(f"pad_tokens: expected emb of shape (B, L, D), got {tuple(emb.shape)}")
+    B, L_in, D = emb.shape
+    n_valid = torch.as_tensor(n_valid, device=emb.device).long()
+    if n_valid.shape != (B,) or bool((n_valid < 1).any()) or bool((n_valid > L_in).any()):
+        raise ValueError(f"pad_tokens: n_valid must be (B,) = ({B},) with values in [1, {L_in}], got {n_valid.tolist()}")
+    if length < 1:
+        raise ValueError(f"pad_tokens: length must be >= 1, got {length}")
+    n = n_valid.clamp(max=length)  # (B,) real tokens kept
+    pos = torch.arange(length, device=emb.device)  # (L,)
+    real = pos[None, :] < n[:, None]  # (B, L)
+    if mode == "zero":
+        src = torch.minimum(pos[None, :], n[:, None] - 1)  # any real index; zeroed below
+    else:
+        src = pos[None, :] % n[:, None]  # (B, L): cyclic replication
+    out = torch.gather(emb, 1, src[..., None].expand(B, length, D))  # (B, L, D)
+    if mode == "zero":
+        out = out * real[..., None]
+        return out, (real if use_mask else None)
+    if mode == "noisy_replicate" and noise and sigma > 0:
+        keep = real[..., None].to(emb.dtype)  # (B, L, 1)
+        sq = (emb.float() ** 2 * (torch.arange(L_in, device=emb.device)[None, :] < n[:, None])[..., None]).sum((1, 2))
+        rms = (sq / (n * D)).sqrt().to(emb.dtype)  # (B,)
+        eps = torch.randn(out.shape, generator=generator, device="cpu" if generator is None else generator.device,
+                          dtype=torch.float32).to(device=emb.device, dtype=emb.dtype)
+        out = out + (1 - keep) * sigma * rms[:, None, None] * eps
+    return out, None
