@@ -20,7 +20,7 @@ from typing import Any
 
 from torch import nn
 
-from ldmkit.models import mdt, mmdit, pixart, unet
+from ldmkit.models import dit, mdt, mmdit, pixart, unet
 from ldmkit.models.dit import DiT
 
 # arch name -> model class
@@ -29,31 +29,13 @@ ARCHITECTURES: dict[str, type[nn.Module]] = {
 }
 
 
-def _dit_presets() -> dict[str, dict[str, Any]]:
-    sizes = {  # (depth, hidden_size, num_heads), as in the DiT paper
-        "s": (12, 384, 6),
-        "b": (12, 768, 12),
-        "l": (24, 1024, 16),
-        "xl": (28, 1152, 16),
-    }
-    presets = {}
-    for size, (depth, hidden, heads) in sizes.items():
-        for patch in (2, 4, 8):
-            presets[f"dit-{size}/{patch}"] = dict(
-                arch="dit", depth=depth, hidden_size=hidden, num_heads=heads, patch_size=patch
-            )
-    for patch in (2, 4):  # tiny models for tests and smoke runs
-        presets[f"dit-tiny/{patch}"] = dict(arch="dit", depth=2, hidden_size=64, num_heads=4, patch_size=patch)
-    return presets
-
-
 def _with_arch(arch: str, presets: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
     return {name: {"arch": arch, **kw} for name, kw in presets.items()}
 
 
 # preset name -> {"arch": ..., constructor kwargs fixed by the preset}
 PRESETS: dict[str, dict[str, Any]] = {
-    **_dit_presets(),
+    **_with_arch("dit", dit.sized_presets("dit")),
     **_with_arch("mdt", mdt.PRESETS),
     **_with_arch("pixart", pixart.PRESETS),
     **mmdit.PRESETS,  # mmdit-*, mmdit-improved-*, sd3-medium (arch set per preset)

@@ -100,6 +100,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from ldmkit.conditioning import Conditioning
+from ldmkit.models.dit import FinalLayer  # the same final layer as DiT (sd3-ref's names too)
 from ldmkit.models.layers import (
     LabelEmbedder,
     Mlp,
@@ -259,20 +260,6 @@ class JointBlock(nn.Module):
             context = None
         x = self.x_block.post_attention(attn_x, *x_res)  # (B, N, D)
         return context, x
-
-
-class FinalLayer(nn.Module):
-    """LayerNorm (no affine) -> adaLN (shift, scale) -> Linear(D, p*p*C_out)."""
-
-    def __init__(self, hidden_size: int, patch_size: int, out_channels: int) -> None:
-        super().__init__()
-        self.norm_final = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
-        self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels, bias=True)
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size, bias=True))
-
-    def forward(self, x: Tensor, c: Tensor) -> Tensor:
-        shift, scale = self.adaLN_modulation(c)[:, None, :].chunk(2, dim=-1)  # 2 x (B, 1, D)
-        return self.linear(modulate(self.norm_final(x), shift, scale))  # (B, N, p*p*C_out)
 
 
 #################################################################################

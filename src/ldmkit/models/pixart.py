@@ -61,6 +61,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from ldmkit.conditioning import Conditioning
+from ldmkit.models.dit import sized_presets
 from ldmkit.models.layers import (
     Attention,
     CrossAttention,
@@ -389,24 +390,8 @@ class PixArt(nn.Module):
 #################################################################################
 
 
-def _presets() -> dict[str, dict[str, Any]]:
-    sizes = {  # (depth, hidden_size, num_heads): DiT's sizes; PixArt-α itself is XL/2
-        "s": (12, 384, 6),
-        "b": (12, 768, 12),
-        "l": (24, 1024, 16),
-        "xl": (28, 1152, 16),
-    }
-    presets = {}
-    for size, (depth, hidden, heads) in sizes.items():
-        for patch in (2, 4, 8):
-            presets[f"pixart-{size}/{patch}"] = dict(depth=depth, hidden_size=hidden, num_heads=heads, patch_size=patch)
-    for patch in (2, 4):  # tiny models for tests and smoke runs
-        presets[f"pixart-tiny/{patch}"] = dict(depth=2, hidden_size=64, num_heads=4, patch_size=patch)
-    return presets
-
-
 # preset name -> constructor kwargs fixed by the preset (the data fixes input_size, in_channels,
 # num_classes / context_dim).
-PRESETS: dict[str, dict[str, Any]] = _presets()
+PRESETS: dict[str, dict[str, Any]] = sized_presets("pixart")  # DiT's sizes; PixArt-α itself is XL/2
 
 __all__ = ["PRESETS", "CaptionEmbedder", "PixArt", "PixArtBlock", "T2IFinalLayer"]
