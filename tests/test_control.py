@@ -85,6 +85,9 @@ def test_dropped_rows_get_the_learned_null_per_group():
     torch.testing.assert_close(out[0], null)
     torch.testing.assert_close(out[2], null)
     torch.testing.assert_close(out[1], emb(Conditioning(control=ctrl), t)[1])
+    # no metadata at all is the "unknown" control: the same nulls, for every row (and cond=None)
+    torch.testing.assert_close(emb(Conditioning(), t), null.expand(4, -1))
+    torch.testing.assert_close(emb(None, t), null.expand(4, -1))
 
 
 def test_fields_can_be_switched_off_and_bad_fields_are_named():
@@ -93,7 +96,7 @@ def test_fields_can_be_switched_off_and_bad_fields_are_named():
     assert ControlEmbedder(16, gate="none").low is None
     with pytest.raises(ValueError, match="control field 'size'"):
         ControlEmbedder(16, high=("size",))
-    with pytest.raises(ValueError, match="control field 'flip' is missing"):
+    with pytest.raises(ValueError, match=r"control field\(s\) \['flip', 'aspect'\] missing"):
         ControlEmbedder(16)(Conditioning(control={"crop": torch.zeros(2, 2)}), torch.zeros(2))
     with pytest.raises(ValueError, match="in both groups"):
         ControlEmbedder(16, high=("crop",), low=("crop",))

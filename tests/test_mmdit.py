@@ -207,7 +207,13 @@ def test_preset_parameter_counts_match_diffusers_and_formula(size):
     no_pooled = n_params(dm) - (32 * D + D + D * D + D)  # minus diffusers' text_embedder MLP
     assert n_params(cls_model) == no_pooled - (64 * D + D) + 1001 * D
     improved = _build(f"mmdit-improved-{size}/2", input_size=32, in_channels=4, num_classes=1000)
-    assert n_params(improved) == n_params(cls_model)
+    # plus the control embedder: per group sinusoids (256 per scalar) -> D -> D, and a null vector;
+    # high = crop (2 scalars), flip, aspect; low = orig_size (2 scalars)
+    group = lambda scalars: (scalars * 256 * D + D) + (D * D + D) + D  # noqa: E731
+    assert n_params(improved) == n_params(cls_model) + group(4) + group(2)
+    bare = _build(f"mmdit-improved-{size}/2", input_size=32, in_channels=4, num_classes=1000,
+                  control_high=[], control_low=[])
+    assert n_params(bare) == n_params(cls_model)
 
 
 def test_xl_preset_is_comparable_to_dit_xl2():
@@ -377,7 +383,7 @@ def test_control_embedding_hook_adds_to_c():
         def control_embedding(self, cond, t):
             return v.expand(t.shape[0], -1)
 
-    kw = dict(num_classes=3, context_dim=12, qk_norm=True, cls=WithControl)
+    kw = dict(num_classes=3, context_dim=12, qk_norm=True, cls=WithControl, control_high=[], control_low=[])
     hooked = tiny(**kw).eval()
     perturb(hooked, seed=12)
     plain = tiny(**{**kw, "cls": MMDiTImproved}).eval()

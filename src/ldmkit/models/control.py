@@ -11,7 +11,9 @@ timestep sinusoid of ``scale · value``), the features of a group are concatenat
 ``crop`` (top, left)) are embedded as they are, like SDXL's micro-conditioning; ``flip`` (0/1) and
 ``aspect`` (w/h) are multiplied by 1000, as timesteps are, so that their range spans the sinusoid's
 frequencies. Rows marked in ``cond.control_dropped`` (control dropout for two-scale guidance, §5) get a
-learned null embedding per group instead.
+learned null embedding per group instead; so does every row when none of a group's fields is in
+``cond.control`` (no metadata is the "unknown" control that dropout trains), while a group with only
+some of its fields present is an error.
 
 Lives in ``models/`` rather than in ``conditioning.py`` because it is a network layer (``conditioning``
 holds the data type every module imports, and must not import the models).
@@ -63,11 +65,15 @@ class _GroupEmbedder(nn.Module):
         self.null = nn.Parameter(torch.zeros(hidden_size))
 
     def forward(self, cond: Conditioning, batch: int, device: torch.device) -> Tensor:
+        present = [name in cond.control for name in self.names]
+        if not any(present):  # no metadata for this group at all: the learned "unknown" embedding
+            return self.null.expand(batch, -1)
+        if not all(present):
+            missing = [n for n, ok in zip(self.names, present) if not ok]
+            raise ValueError(f"control field(s) {missing} missing from cond.control (present: "
+                             f"{sorted(cond.control)}); a group's fields come together or not at all")
         feats = []
         for name in self.names:
-            if name not in cond.control:
-                raise ValueError(f"control field {name!r} is missing from cond.control "
-                                 f"(present: {sorted(cond.control)}); the data pipeline records it")
             value = cond.control[name].to(device).float().reshape(batch, -1) * FIELD_SCALE[name]  # (B, k)
             feats += [timestep_embedding(value[:, j], self.freq_dim) for j in range(value.shape[1])]
         emb = self.mlp(torch.cat(feats, dim=1).to(self.null.dtype))  # (B, D)
@@ -110,9 +116,11 @@ class ControlEmbedder(nn.Module):
                 nn.init.zeros_(group.mlp[0].bias)
                 nn.init.zeros_(group.mlp[2].weight)
                 nn.init.zeros_(group.mlp[2].bias)
+                nn.init.zeros_(group.null)
 
-    def forward(self, cond: Conditioning, t: Tensor) -> Tensor:
+    def forward(self, cond: Conditioning | None, t: Tensor) -> Tensor:
         B, device = t.shape[0], t.device
+        cond = Conditioning() if cond is None else cond
         out = 0
         if self.high is not None:
             out = out + self.high(cond, B, device)
@@ -123,3 +131,23 @@ class ControlEmbedder(nn.Module):
         if isinstance(out, int):
             raise ValueError("ControlEmbedder has no field to embed (both groups empty or switched off)")
         return out
+
+
+def control_init_kwargs(high, low, gate: str, alpha: float) -> dict:
+    """The control arguments of a model constructor as JSON-ready ``init_kwargs`` (validated)."""
+    high, low = [str(n) for n in (high or ())], [str(n) for n in (low or ())]
+    for name in (*high, *low):
+        if name not in CONTROL_FIELDS:
+            raise ValueError(f"control field {name!r}: expected one of {sorted(CONTROL_FIELDS)}")
+    time_gate(torch.zeros(1), gate, alpha)  # validates gate and alpha
+    return dict(control_high=high, control_low=low, control_gate=str(gate), control_alpha=float(alpha))
+
+
+def build_control_embedder(hidden_size: int, control_high, control_low, control_gate: str,
+                           control_alpha: float) -> ControlEmbedder | None:
+    """The control embedder a model's constructor arguments ask for, or None when no field is enabled
+    (the published architectures' default: no control path)."""
+    low = tuple(control_low) if control_gate != "none" else ()
+    if not control_high and not low:
+        return None
+    return ControlEmbedder(hidden_size, tuple(control_high), tuple(control_low), control_gate, control_alpha)

@@ -33,6 +33,11 @@ def _converter(arch: str):
 
 def to_diffusers(model: nn.Module) -> Any:
     """The diffusers model equivalent to an ldmkit model."""
+    if getattr(model, "control_embedder", None) is not None:
+        raise ValueError(
+            f"cannot convert this {model.arch} to diffusers: it has a control embedder (control_high/control_low "
+            "fields), which no diffusers model has; build it with control_high=[] and control_low=[] to convert"
+        )
     return _converter(model.arch).to_diffusers(model)
 
 

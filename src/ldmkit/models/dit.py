@@ -15,13 +15,14 @@ Differences from the original, all at the interface:
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from ldmkit.conditioning import Conditioning
+from ldmkit.models.control import build_control_embedder, control_init_kwargs
 from ldmkit.models.layers import (
     Attention,
     LabelEmbedder,
@@ -103,6 +104,10 @@ class DiT(nn.Module):
         learn_sigma: bool = False,
         qk_norm: bool = False,
         time_freq_shift: int = 0,
+        control_high: Sequence[str] = (),
+        control_low: Sequence[str] = (),
+        control_gate: str = "cosine",
+        control_alpha: float = 1.0,
     ) -> None:
         super().__init__()
         if input_size % patch_size:
@@ -121,6 +126,7 @@ class DiT(nn.Module):
             learn_sigma=bool(learn_sigma),
             qk_norm=bool(qk_norm),
             time_freq_shift=int(time_freq_shift),
+            **control_init_kwargs(control_high, control_low, control_gate, control_alpha),
         )
         self.input_size = input_size
         self.patch_size = patch_size
@@ -137,6 +143,9 @@ class DiT(nn.Module):
         # exponent by half - 1); the original DiT, and our default, use 0.
         self.t_embedder = TimestepEmbedder(hidden_size, freq_shift=time_freq_shift)
         self.y_embedder = LabelEmbedder(num_classes, hidden_size) if num_classes > 0 else None
+        # Control metadata (METHOD.md §3) joins c = t + y; None unless control fields are enabled.
+        self.control_embedder = build_control_embedder(hidden_size, control_high, control_low, control_gate,
+                                                       control_alpha)
         # Fixed sin-cos table, stored like the original: a frozen Parameter (in state_dict and in the
         # parameter count, excluded from optimisation by requires_grad=False).
         num_patches = self.grid_size**2
@@ -185,6 +194,8 @@ class DiT(nn.Module):
         nn.init.zeros_(self.final_layer.adaLN_modulation[-1].bias)
         nn.init.zeros_(self.final_layer.linear.weight)
         nn.init.zeros_(self.final_layer.linear.bias)
+        if self.control_embedder is not None:
+            self.control_embedder.initialize_weights()
 
     def set_grad_checkpointing(self, enabled: bool = True) -> None:
         """Recompute each block's activations in the backward pass instead of storing them."""
@@ -209,6 +220,8 @@ class DiT(nn.Module):
                     "(pass NULL_CLASS = -1 for unconditional samples)"
                 )
             c = c + self.y_embedder(cond.class_ids)  # (B, D)
+        if self.control_embedder is not None:
+            c = c + self.control_embedder(cond, t)  # (B, D)
         for block in self.blocks:
             if self.grad_checkpointing and torch.is_grad_enabled():
                 x = checkpoint(block, x, c, use_reentrant=False)  # (B, N, D)

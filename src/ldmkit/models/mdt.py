@@ -59,7 +59,7 @@ Differences from the original, all at the interface:
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -67,6 +67,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from ldmkit.conditioning import Conditioning
+from ldmkit.models.control import build_control_embedder, control_init_kwargs
 from ldmkit.models.dit import FinalLayer
 from ldmkit.models.layers import (
     Attention,
@@ -221,6 +222,10 @@ class MDT(nn.Module):
         num_classes: int = 1000,
         learn_sigma: bool = False,
         qk_norm: bool = False,
+        control_high: Sequence[str] = (),
+        control_low: Sequence[str] = (),
+        control_gate: str = "cosine",
+        control_alpha: float = 1.0,
     ) -> None:
         super().__init__()
         if input_size % patch_size:
@@ -244,6 +249,7 @@ class MDT(nn.Module):
             num_classes=int(num_classes),
             learn_sigma=bool(learn_sigma),
             qk_norm=bool(qk_norm),
+            **control_init_kwargs(control_high, control_low, control_gate, control_alpha),
         )
         self.input_size = input_size
         self.patch_size = patch_size
@@ -261,6 +267,9 @@ class MDT(nn.Module):
         self.x_embedder = PatchEmbed(patch_size, in_channels, hidden_size)
         self.t_embedder = TimestepEmbedder(hidden_size)
         self.y_embedder = LabelEmbedder(num_classes, hidden_size) if num_classes > 0 else None
+        # Control metadata (METHOD.md §3) joins c = t + y; None unless control fields are enabled.
+        self.control_embedder = build_control_embedder(hidden_size, control_high, control_low, control_gate,
+                                                       control_alpha)
         N = self.num_tokens
         self.pos_embed = nn.Parameter(torch.zeros(1, N, hidden_size))  # learnable, sin-cos init
         self.decoder_pos_embed = nn.Parameter(torch.zeros(1, N, hidden_size))  # learnable, sin-cos init
@@ -337,6 +346,8 @@ class MDT(nn.Module):
         nn.init.zeros_(self.final_layer.linear.bias)
 
         nn.init.normal_(self.mask_token, std=0.02)
+        if self.control_embedder is not None:
+            self.control_embedder.initialize_weights()
 
     def set_grad_checkpointing(self, enabled: bool = True) -> None:
         """Recompute each block's activations in the backward pass instead of storing them."""
@@ -401,6 +412,8 @@ class MDT(nn.Module):
                     "(pass NULL_CLASS = -1 for unconditional samples)"
                 )
             c = c + self.y_embedder(cond.class_ids)  # (B, D)
+        if self.control_embedder is not None:
+            c = c + self.control_embedder(cond, t)  # (B, D)
         input_skip = x  # (B, N, D) dense shortcut of every decoder block
 
         ids_keep = None

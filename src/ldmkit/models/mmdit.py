@@ -42,14 +42,15 @@ Conditioning (how each semantic input enters)
 - No context at all (unconditional, or class only in adaLN without text): the blocks have no context
   stream (the joint attention is plain self-attention over the image tokens), so that every parameter
   is used in every forward (DDP without ``find_unused_parameters``).
-- Control metadata (METHOD.md §3): ``control_embedding(cond, t)`` is the hook whose (B, D) output is
-  added to c. Plain mmDiT (SD3) has none and returns None. The conditioning work overrides it in
-  ``MMDiTImproved`` (sinusoidal features of orig_size/crop/flip/aspect -> MLP, with the low-level group
-  gated by γ(t) = ((1 + cos(π t)) / 2) ** α; ``t`` is passed in [0, 1], t = 1 noise).
+- Control metadata (METHOD.md §3): with ``control_high`` / ``control_low`` fields enabled, a
+  ``models.control.ControlEmbedder`` adds ``E_high(crop, flip, aspect) + γ(t) · E_low(orig_size)`` to c
+  (``control_embedding(cond, t)``), with the low-level group gated by ``control_gate`` (``cosine``:
+  γ(t) = ((1 + cos(π t)) / 2) ** α, ``constant``: SDXL-style, ``none``: off). SD3 has no control path
+  (the default of ``MMDiT``: no fields).
 
 The improved mmDiT (``arch = "mmdit-improved"``, ``MMDiTImproved``): the same network, with semantic
-inputs only as context tokens of the joint attention (class never in adaLN) and control embeddings
-through the adaLN vector via the ``control_embedding`` hook.
+inputs only as context tokens of the joint attention (class never in adaLN) and, by default, control
+metadata through the adaLN vector with the cosine gate (high: crop, flip, aspect; low: orig_size).
 
 Time convention: ``t`` in [0, 1], t = 1 noise, is SD3's sigma. diffusers' SD3 takes
 ``timestep = 1000 * sigma``; our ``TimestepEmbedder`` embeds ``1000 * t`` with the same sinusoid
@@ -92,7 +93,7 @@ context-stream FLOPs (L tokens through the second stream). The counts are re-che
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -100,6 +101,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from ldmkit.conditioning import Conditioning
+from ldmkit.models.control import DEFAULT_HIGH, DEFAULT_LOW, build_control_embedder, control_init_kwargs
 from ldmkit.models.dit import FinalLayer  # the same final layer as DiT (sd3-ref's names too)
 from ldmkit.models.layers import (
     LabelEmbedder,
@@ -295,6 +297,10 @@ class MMDiT(nn.Module):
         pos_embed_max_size: Optional[int] = None,
         learn_sigma: bool = False,
         qk_norm: bool = False,
+        control_high: Sequence[str] = (),
+        control_low: Sequence[str] = (),
+        control_gate: str = "cosine",
+        control_alpha: float = 1.0,
     ) -> None:
         super().__init__()
         name = type(self).__name__
@@ -331,6 +337,7 @@ class MMDiT(nn.Module):
             pos_embed_max_size=None if pos_embed_max_size is None else int(pos_embed_max_size),
             learn_sigma=bool(learn_sigma),
             qk_norm=bool(qk_norm),
+            **control_init_kwargs(control_high, control_low, control_gate, control_alpha),
         )
         self.input_size = input_size
         self.patch_size = patch_size
@@ -356,6 +363,9 @@ class MMDiT(nn.Module):
         use_adaln = num_classes > 0 and class_in_adaln
         self.class_adaln_embedder = LabelEmbedder(num_classes, hidden_size) if use_adaln else None
         self.has_context = self.context_embedder is not None or self.class_embedder is not None
+        # Control metadata (METHOD.md §3) joins c; None unless control fields are enabled.
+        self.control_embedder = build_control_embedder(hidden_size, control_high, control_low, control_gate,
+                                                       control_alpha)
         # Fixed sin-cos table on the max grid, a persistent buffer as in SD3 (not a parameter).
         self.pos_embed_side = pos_embed_max_size if pos_embed_max_size is not None else grid
         side = self.pos_embed_side
@@ -419,6 +429,8 @@ class MMDiT(nn.Module):
         nn.init.zeros_(self.final_layer.adaLN_modulation[-1].bias)
         nn.init.zeros_(self.final_layer.linear.weight)
         nn.init.zeros_(self.final_layer.linear.bias)
+        if self.control_embedder is not None:
+            self.control_embedder.initialize_weights()
 
     def set_grad_checkpointing(self, enabled: bool = True) -> None:
         """Recompute each block's activations in the backward pass instead of storing them."""
@@ -434,9 +446,9 @@ class MMDiT(nn.Module):
         return table[:, top : top + h, left : left + w, :].reshape(1, h * w, -1)  # (1, h*w, D)
 
     def control_embedding(self, cond: Optional[Conditioning], t: Tensor) -> Optional[Tensor]:
-        """Hook for control conditioning (METHOD.md §3): a (B, D) tensor added to the adaLN vector c,
-        or None. ``t`` (B,) is in [0, 1] with t = 1 noise (for time gating). SD3 has none."""
-        return None
+        """The (B, D) control term ``E_high + γ(t) · E_low`` added to the adaLN vector c (METHOD.md §3), or
+        None without control fields (SD3 has none). ``t`` (B,) in [0, 1], t = 1 noise, drives the gate."""
+        return None if self.control_embedder is None else self.control_embedder(cond, t)
 
     def _context(self, cond: Optional[Conditioning], B: int, dtype: torch.dtype) -> tuple[Optional[Tensor], Optional[Tensor]]:
         """Context tokens (B, L, D) = [class tokens, text tokens] and their key mask (B, L) (None = all)."""
@@ -523,8 +535,9 @@ class MMDiTImproved(MMDiT):
     text tokens) enter only as context tokens of the joint attention, never the adaLN vector (pooled
     text may, as in SD3); control metadata enters the adaLN vector through ``control_embedding``.
 
-    Same network and weights layout as ``MMDiT`` with ``class_in_context=True, class_in_adaln=False``;
-    ``control_embedding`` is the hook the conditioning work overrides (returns None for now)."""
+    ``MMDiT`` with ``class_in_context=True, class_in_adaln=False`` and, by default, the gated control
+    embedder (``control_high=("crop", "flip", "aspect")``, ``control_low=("orig_size",)``, cosine gate,
+    α = 1); every control option can be changed or switched off (``control_high=[], control_low=[]``)."""
 
     arch: str = "mmdit-improved"
 
@@ -544,6 +557,10 @@ class MMDiTImproved(MMDiT):
         pos_embed_max_size: Optional[int] = None,
         learn_sigma: bool = False,
         qk_norm: bool = False,
+        control_high: Sequence[str] = DEFAULT_HIGH,
+        control_low: Sequence[str] = DEFAULT_LOW,
+        control_gate: str = "cosine",
+        control_alpha: float = 1.0,
     ) -> None:
         super().__init__(
             input_size=input_size,
@@ -562,13 +579,12 @@ class MMDiTImproved(MMDiT):
             pos_embed_max_size=pos_embed_max_size,
             learn_sigma=learn_sigma,
             qk_norm=qk_norm,
+            control_high=control_high,
+            control_low=control_low,
+            control_gate=control_gate,
+            control_alpha=control_alpha,
         )
         del self.init_kwargs["class_in_context"], self.init_kwargs["class_in_adaln"]
-
-    def control_embedding(self, cond: Optional[Conditioning], t: Tensor) -> Optional[Tensor]:
-        """(B, D) control embedding added to c, or None. Placeholder: the conditioning work implements
-        ``E_high(crop, flip, aspect) + γ(t) · E_low(orig_size)`` here (METHOD.md §3)."""
-        return None
 
 
 #################################################################################

@@ -54,13 +54,14 @@ Interface differences from the original
 from __future__ import annotations
 
 import math
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from ldmkit.conditioning import Conditioning
+from ldmkit.models.control import build_control_embedder, control_init_kwargs
 from ldmkit.models.dit import sized_presets
 from ldmkit.models.layers import (
     Attention,
@@ -185,6 +186,10 @@ class PixArt(nn.Module):
         qk_norm: bool = False,
         pe_interpolation: float = 1.0,
         pe_base_size: Optional[int] = None,
+        control_high: Sequence[str] = (),
+        control_low: Sequence[str] = (),
+        control_gate: str = "cosine",
+        control_alpha: float = 1.0,
     ) -> None:
         super().__init__()
         if input_size % patch_size:
@@ -221,6 +226,7 @@ class PixArt(nn.Module):
             qk_norm=bool(qk_norm),
             pe_interpolation=float(pe_interpolation),
             pe_base_size=None if pe_base_size is None else int(pe_base_size),
+            **control_init_kwargs(control_high, control_low, control_gate, control_alpha),
         )
         self.input_size = input_size
         self.patch_size = patch_size
@@ -252,6 +258,9 @@ class PixArt(nn.Module):
             if pooled_dim > 0
             else None
         )
+        # Control metadata (METHOD.md §3) joins the timestep embedding before t_block, like the pooled text.
+        self.control_embedder = build_control_embedder(hidden_size, control_high, control_low, control_gate,
+                                                       control_alpha)
         # Fixed sin-cos table, a persistent buffer as in the original (in state_dict, not a parameter).
         self.register_buffer("pos_embed", torch.zeros(1, self.num_tokens, hidden_size))
         has_context = self.y_embedder is not None
@@ -319,6 +328,8 @@ class PixArt(nn.Module):
         nn.init.normal_(self.final_layer.scale_shift_table, std=D**-0.5)
         nn.init.zeros_(self.final_layer.linear.weight)
         nn.init.zeros_(self.final_layer.linear.bias)
+        if self.control_embedder is not None:
+            self.control_embedder.initialize_weights()
 
     def set_grad_checkpointing(self, enabled: bool = True) -> None:
         """Recompute each block's activations in the backward pass instead of storing them."""
@@ -374,6 +385,8 @@ class PixArt(nn.Module):
                 raise ValueError("PixArt: pooled_dim > 0 but cond.text_pooled is missing")
             pooled = cond.text_pooled.to(self.pooled_embedder[0].weight.dtype)  # (B, pooled_dim)
             t_emb = t_emb + self.pooled_embedder(pooled)  # (B, D)
+        if self.control_embedder is not None:
+            t_emb = t_emb + self.control_embedder(cond, t)  # (B, D)
         t0 = self.t_block(t_emb)  # (B, 6D)
         y, mask = self._context(cond, B)  # (B, L, D), (B, L) or None
         for block in self.blocks:

@@ -71,6 +71,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from ldmkit.conditioning import Conditioning
+from ldmkit.models.control import build_control_embedder, control_init_kwargs
 from ldmkit.models.layers import Attention, CrossAttention, LabelEmbedder, TimestepEmbedder, timestep_embedding
 
 # Number of SDXL "time ids" (orig_h, orig_w, crop_top, crop_left, target_h, target_w).
@@ -319,6 +320,10 @@ class UNet(nn.Module):
         dropout: float = 0.0,
         learn_sigma: bool = False,
         qk_norm: bool = False,
+        control_high: Sequence[str] = (),
+        control_low: Sequence[str] = (),
+        control_gate: str = "cosine",
+        control_alpha: float = 1.0,
     ) -> None:
         super().__init__()
         channel_mult = [int(m) for m in channel_mult]
@@ -374,6 +379,7 @@ class UNet(nn.Module):
             dropout=float(dropout),
             learn_sigma=bool(learn_sigma),
             qk_norm=bool(qk_norm),
+            **control_init_kwargs(control_high, control_low, control_gate, control_alpha),
         )
         self.input_size = input_size
         self.in_channels = in_channels
@@ -415,6 +421,11 @@ class UNet(nn.Module):
             if self.add_embed_in_dim > 0
             else None
         )
+
+        # Control metadata with a time gate (METHOD.md §3), added to the time embedding like SDXL's
+        # micro-conditioning (which is the same path with a constant gate).
+        self.control_embedder = build_control_embedder(time_embed_dim, control_high, control_low, control_gate,
+                                                       control_alpha)
 
         # ---- units: down path, middle, up path (LDM input_blocks[1:], middle_block, output_blocks)
         def res(cin: int, cout: int) -> ResBlock:
@@ -486,6 +497,8 @@ class UNet(nn.Module):
                 nn.init.zeros_(m.bias)
         nn.init.zeros_(self.conv_out.weight)
         nn.init.zeros_(self.conv_out.bias)
+        if self.control_embedder is not None:
+            self.control_embedder.initialize_weights()
 
     def set_grad_checkpointing(self, enabled: bool = True) -> None:
         """Recompute each unit of ``self.blocks`` in the backward pass instead of storing activations."""
@@ -568,6 +581,8 @@ class UNet(nn.Module):
                 parts.append(self.micro_features(cond, B, H, W, x.device))  # (B, 6 * micro_embed_dim)
             add_in = torch.cat(parts, dim=1).to(self.add_embedder[0].weight.dtype)  # (B, add_embed_in_dim)
             emb = emb + self.add_embedder(add_in)  # (B, D_emb)
+        if self.control_embedder is not None:
+            emb = emb + self.control_embedder(cond, t)  # (B, D_emb)
         context, mask = self.context(cond, B)  # (B, L, D_ctx), (B, L)
 
         h = self.conv_in(x)  # (B, model_channels, H, W)
