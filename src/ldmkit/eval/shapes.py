@@ -245,6 +245,8 @@ def evaluate_generation(
     sampler: str = "heun",
     steps: int = 50,
     guidance: float = 4.0,
+    control_guidance: float = 1.0,
+    interval: tuple[float, float] = (0.0, 1.0),
     shift: float = 1.0,
     seed: int = 0,
     device: torch.device | str = "cpu",
@@ -252,8 +254,12 @@ def evaluate_generation(
     latent_shape: tuple[int, int, int] | None = None,
     batch_size: int = 256,
     progress: bool = False,
+    control: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Sample ``per_class`` images of every class of ``dataset`` and score their colour and shape.
+
+    ``control``: keyword arguments of ``ldmkit.sampling.default_control`` (orig_size, crop, flip) for the
+    control metadata of every sample (default: SDXL's inference defaults).
 
     ``latent_shape`` defaults to ``(model.in_channels, model.input_size, model.input_size)`` when the
     model has those attributes, else to RGB pixels at the dataset's image size. ``decode`` maps the
@@ -261,25 +267,17 @@ def evaluate_generation(
     Returns the accuracies of ``ShapesEvaluator.score`` (no position: a class does not name one), a
     per-class breakdown, how often each position was drawn, and the sampling settings (JSON-ready).
     """
-    from ldmkit.sampling import generate  # lazy: the analytic evaluator needs no model code
+    from ldmkit.sampling import conditions_for, default_control, generate  # lazy: no model code needed above
 
     if per_class < 1:
         raise ValueError(f"evaluate_generation: per_class must be >= 1, got {per_class}")
-    if latent_shape is None:
-        if hasattr(model, "in_channels") and hasattr(model, "input_size"):
-            latent_shape = (int(model.in_channels), int(model.input_size), int(model.input_size))
-        else:
-            latent_shape = (3, dataset.image_size, dataset.image_size)
+    latent_shape = _latent_shape(model, dataset, latent_shape)
     classes = torch.arange(dataset.num_classes).repeat_interleave(per_class)  # (N,) class-major
-    x = generate(model, classes, latent_shape, sampler=sampler, steps=steps, guidance=guidance,
-                 shift=shift, seed=seed, batch_size=batch_size, device=device, progress=progress)
-    chunks = []
-    for start in range(0, x.shape[0], batch_size):
-        xb = x[start : start + batch_size]
-        if decode is not None:
-            xb = decode(xb.to(device))
-        chunks.append(to_uint8_images(xb))
-    images = np.concatenate(chunks)
+    cond, _ = conditions_for(default_control(len(classes), dataset.image_size, **(control or {})), class_ids=classes)
+    x = generate(model, cond, latent_shape, sampler=sampler, steps=steps, guidance=guidance,
+                 control_guidance=control_guidance, interval=interval, shift=shift, seed=seed,
+                 batch_size=batch_size, device=device, progress=progress)
+    images = _decode(x, decode, batch_size, device)
 
     wanted = [dataset.colour_shape_of(int(k)) for k in classes]
     colours = [c for c, _ in wanted]
@@ -301,16 +299,114 @@ def evaluate_generation(
     result["positions"] = {p: found_positions.count(p) for p in POSITIONS}
     result["settings"] = {
         "per_class": per_class, "sampler": sampler, "steps": steps, "guidance": guidance,
-        "shift": shift, "seed": seed, "image_size": int(images.shape[1]),
+        "control_guidance": control_guidance, "interval": list(interval), "shift": shift, "seed": seed,
+        "image_size": int(images.shape[1]), "control": _plain(control),
     }
     return result
 
 
+def all_captions(dataset: ShapesDataset) -> list[tuple[str, str, str, str]]:
+    """Every (caption, colour, shape, position) the dataset can produce: colours x shapes x 9 positions."""
+    from ldmkit.data.shapes import caption_for
+
+    return [(caption_for(c, s, p), c, s, p) for s in dataset.shapes for c in dataset.colours for p in POSITIONS]
+
+
+@torch.no_grad()
+def evaluate_captions(
+    model: torch.nn.Module,
+    dataset: ShapesDataset,
+    text: Any,
+    *,
+    per_caption: int = 2,
+    captions: Sequence[tuple[str, str, str, str]] | None = None,
+    sampler: str = "heun",
+    steps: int = 50,
+    guidance: float = 4.0,
+    control_guidance: float = 1.0,
+    interval: tuple[float, float] = (0.0, 1.0),
+    shift: float = 1.0,
+    seed: int = 0,
+    device: torch.device | str = "cpu",
+    decode: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    latent_shape: tuple[int, int, int] | None = None,
+    batch_size: int = 256,
+    progress: bool = False,
+    control: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Caption following of a text-to-image model trained on ``shapes``: sample ``per_caption`` images of
+    every caption (``all_captions``: 162 with the defaults) and score colour, shape and position.
+
+    ``text`` is the model's ``ldmkit.text.TextConditioner``; ``captions`` (caption, colour, shape,
+    position) tuples restrict the set (default: all). ``control`` as in ``evaluate_generation``; with the
+    default ``flip = 0`` a position named "left" must appear on the left.
+    """
+    from ldmkit.sampling import conditions_for, default_control, generate
+
+    if per_caption < 1:
+        raise ValueError(f"evaluate_captions: per_caption must be >= 1, got {per_caption}")
+    latent_shape = _latent_shape(model, dataset, latent_shape)
+    items = [item for item in (captions or all_captions(dataset)) for _ in range(per_caption)]  # caption-major
+    prompts = [c for c, _, _, _ in items]
+    cond, uncond = conditions_for(default_control(len(items), dataset.image_size, **(control or {})),
+                                  prompts=prompts, text=text)
+    x = generate(model, cond, latent_shape, uncond=uncond, sampler=sampler, steps=steps, guidance=guidance,
+                 control_guidance=control_guidance, interval=interval, shift=shift, seed=seed,
+                 batch_size=batch_size, device=device, progress=progress)
+    images = _decode(x, decode, batch_size, device)
+    evaluator = ShapesEvaluator(colours=dataset.colours, shapes=dataset.shapes)
+    results = evaluator.analyze(images)
+    colours, shapes, positions = ([it[k] for it in items] for k in (1, 2, 3))
+    result: dict[str, Any] = _accuracies(results, colours, shapes, positions)
+    ok = [r["found"] and r["colour"] == c and r["shape"] == s and r["position"] == p
+          for r, c, s, p in zip(results, colours, shapes, positions)]
+    result["all"] = float(np.mean(ok)) if ok else 0.0
+    # left/right following separately: the paper's flip-conditioning claim is about it (METHOD.md §9, C6)
+    sided = [(r, p) for r, p in zip(results, positions) if p.endswith(("left", "right"))]
+    result["left_right"] = float(np.mean([r["found"] and r["position"].split()[-1] == p.split()[-1]
+                                          for r, p in sided])) if sided else 0.0
+    result["settings"] = {
+        "per_caption": per_caption, "captions": len(items) // per_caption, "sampler": sampler, "steps": steps,
+        "guidance": guidance, "control_guidance": control_guidance, "interval": list(interval), "shift": shift,
+        "seed": seed, "image_size": int(images.shape[1]), "control": _plain(control),
+        "text_encoder": getattr(getattr(text, "encoder", None), "name", None),
+    }
+    return result
+
+
+def _latent_shape(model: torch.nn.Module, dataset: ShapesDataset,
+                  latent_shape: tuple[int, int, int] | None) -> tuple[int, int, int]:
+    if latent_shape is not None:
+        return latent_shape
+    if hasattr(model, "in_channels") and hasattr(model, "input_size"):
+        return (int(model.in_channels), int(model.input_size), int(model.input_size))
+    return (3, dataset.image_size, dataset.image_size)
+
+
+def _decode(x: torch.Tensor, decode: Callable[[torch.Tensor], torch.Tensor] | None, batch_size: int,
+            device: torch.device | str) -> np.ndarray:
+    chunks = []
+    for start in range(0, x.shape[0], batch_size):
+        xb = x[start : start + batch_size]
+        if decode is not None:
+            xb = decode(xb.to(device))
+        chunks.append(to_uint8_images(xb))
+    return np.concatenate(chunks)
+
+
+def _plain(control: dict[str, Any] | None) -> dict[str, Any]:
+    return {k: (list(v) if isinstance(v, (tuple, list)) else v) for k, v in (control or {}).items()}
+
+
 def format_report(result: dict[str, Any]) -> str:
-    """A short human-readable summary of an ``evaluate_generation`` result."""
+    """A short human-readable summary of an ``evaluate_generation`` / ``evaluate_captions`` result."""
+    position = ""
+    if "position" in result:
+        position = (f", position {100 * result['position']:.1f}% (left/right {100 * result['left_right']:.1f}%), "
+                    f"all three {100 * result['all']:.1f}%")
     lines = [
         f"shapes eval over {result['n']} samples: colour {100 * result['colour']:.1f}%, "
-        f"shape {100 * result['shape']:.1f}%, both {100 * result['both']:.1f}%, "
+        f"shape {100 * result['shape']:.1f}%, both {100 * result['both']:.1f}%{position}, "
         f"found {100 * result['found']:.1f}%"
     ]
     per_class = result.get("per_class", {})

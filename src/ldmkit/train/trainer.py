@@ -20,7 +20,7 @@ import signal
 import sys
 import time
 from contextlib import ExitStack, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Iterator
@@ -31,13 +31,14 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from ldmkit.autoencoders import build_autoencoder, to_uint8
+from ldmkit.conditioning import Conditioning
 from ldmkit.config import Config, ConfigError, dump_yaml, to_dict
 from ldmkit.data import build_dataset
 from ldmkit.data.batch import Batch, collate
 from ldmkit.data.stream import StreamDataset, StreamSampler
 from ldmkit.diffusion.flow import FlowMatching
 from ldmkit.models import build_model, model_from_config
-from ldmkit.sampling import generate, make_grid
+from ldmkit.sampling import conditions_for, default_control, generate, make_grid
 from ldmkit.train import distributed as D
 from ldmkit.train.checkpoint import (list_checkpoints, load_initial_weights, load_train_state, model_config,
                                      resolve_checkpoint, save_checkpoint)
@@ -48,8 +49,8 @@ from ldmkit.train.telemetry import (Telemetry, forward_flops_per_image, peak_mem
 
 # Sections whose change would make a checkpoint mean something else; resuming refuses such changes
 # (except for the keys listed after them, which change how, not what, is computed).
-_FROZEN_ON_RESUME = ("data", "autoencoder", "model", "diffusion")
-_FREE_ON_RESUME = ("data.num_workers",)
+_FROZEN_ON_RESUME = ("data", "autoencoder", "model", "diffusion", "cond")
+_FREE_ON_RESUME = ("data.num_workers", "cond.p_drop_semantic", "cond.p_drop_control")
 LOSS_BINS = (0.0, 0.25, 0.5, 0.75, 1.0)  # loss is also logged per timestep bin
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)  # cluster pre-emption: checkpoint and exit cleanly
 
@@ -145,6 +146,17 @@ def build_objective(cfg: Config, model: torch.nn.Module) -> FlowMatching:
     return FlowMatching(d.timesteps, d.logit_mean, d.logit_std)
 
 
+def build_text_conditioner(cfg: Config, device: torch.device) -> "TextConditioner":
+    """The frozen text encoder and padding of a text-conditional run (cond.semantic = text)."""
+    from ldmkit.text import TextConditioner
+    from ldmkit.text_encoder import load_text_encoder
+
+    tc = cfg.cond.text
+    encoder = load_text_encoder(tc.encoder, max_length=tc.length, device=device, cache_file=tc.cache_file)
+    return TextConditioner(encoder, tc.length, tc.padding, tc.noise_sigma, use_mask=tc.mask_zero_padding,
+                           noise_at_inference=tc.noise_at_inference, pooled=tc.pooled)
+
+
 def step_seed(seed: int, step: int) -> int:
     """Seed of the random draws of optimizer step ``step`` (well mixed, independent of world size)."""
     return int(np.random.SeedSequence([seed, step, 0x5EED]).generate_state(1, dtype=np.uint64)[0] >> 1)
@@ -213,10 +225,14 @@ class Trainer:
         self.autoencoder = build_autoencoder(cfg.autoencoder.name).to(self.device)
         size = cfg.data.image_size // self.autoencoder.downsample
         self.latent_shape = (self.autoencoder.channels, size, size)
+        self.text = build_text_conditioner(cfg, self.device) if cfg.cond.semantic == "text" else None
         m = cfg.model
         self.model = build_model(
             m.name, in_channels=self.latent_shape[0], input_size=size,
-            num_classes=self.dataset.num_classes, depth=m.depth, hidden_size=m.hidden_size,
+            num_classes=self.dataset.num_classes if self.text is None else 0,
+            context_dim=0 if self.text is None else self.text.width,
+            pooled_dim=0 if self.text is None else self.text.pooled_width,
+            depth=m.depth, hidden_size=m.hidden_size,
             num_heads=m.num_heads, patch_size=m.patch_size, mlp_ratio=m.mlp_ratio,
             learn_sigma=m.learn_sigma, qk_norm=m.qk_norm, **m.options,
         ).to(self.device)
@@ -376,6 +392,20 @@ class Trainer:
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.cfg.train.precision)
         return torch.autocast(self.device.type, dtype=dtype) if dtype else nullcontext()
 
+    def _train_conditioning(self, batch: Batch, dropped: torch.Tensor, ctrl_dropped: torch.Tensor,
+                            pad_noise: torch.Tensor | None) -> Conditioning:
+        """The batch's condition with semantic and control dropout applied (METHOD.md §5): a dropped class
+        becomes the null class, a dropped caption the empty prompt (encoded and padded like any other)."""
+        cond = batch.cond.to(self.device)
+        if self.text is None:
+            cond = cond.drop_semantic(dropped)
+        else:
+            keep = (~dropped).tolist()
+            captions = [c if k else "" for c, k in zip(batch.captions, keep)]
+            cond = replace(cond, class_ids=None, **self.text(captions, training=True, device=self.device,
+                                                             eps=pad_noise))
+        return replace(cond, control_dropped=ctrl_dropped)
+
     def train_step(self, batches: Iterator[Batch]) -> dict[str, Any]:
         """One optimizer step over grad_accum micro-batches; non-finite steps are skipped, not applied."""
         cfg, t = self.cfg, self.cfg.train
@@ -383,6 +413,10 @@ class Trainer:
         g = torch.Generator(self.device).manual_seed(step_seed(cfg.seed, self.step))
         draw = self.objective.draw(B, self.latent_shape, device=self.device, generator=g)
         dropped = torch.rand(B, device=self.device, generator=g) < cfg.cond.p_drop_semantic
+        ctrl_dropped = torch.rand(B, device=self.device, generator=g) < cfg.cond.p_drop_control
+        pad_noise = None
+        if self.text is not None and self.text.needs_noise(training=True):  # noisy_replicate's noise
+            pad_noise = torch.randn((B, self.text.length, self.text.width), device=self.device, generator=g)
 
         lr = lr_at(self.step, cfg)
         for group in self.optimizer.param_groups:
@@ -396,7 +430,8 @@ class Trainer:
             data_s += time.perf_counter() - t0
             lo = rank_offset + a * m
             x0 = self.autoencoder.encode(batch.images.to(self.device, non_blocking=True))
-            cond = batch.cond.to(self.device).drop_semantic(dropped[lo : lo + m])
+            cond = self._train_conditioning(batch, dropped[lo : lo + m], ctrl_dropped[lo : lo + m],
+                                            None if pad_noise is None else pad_noise[lo : lo + m])
             sync = a == accum - 1  # reduce gradients across ranks once, on the last micro-batch
             with ExitStack() as stack:
                 if hasattr(self.train_model, "set_requires_gradient_sync"):  # FSDP2
@@ -457,17 +492,46 @@ class Trainer:
         self._eval_model.load_state_dict(state)
         return self._eval_model
 
+    def _sample_kwargs(self) -> dict[str, Any]:
+        s = self.cfg.sample
+        return dict(sampler=s.sampler, steps=s.steps, guidance=s.guidance, control_guidance=s.control_guidance,
+                    interval=tuple(s.guidance_interval), shift=s.shift)
+
+    def _control(self, n: int) -> dict[str, torch.Tensor]:
+        s = self.cfg.sample
+        return default_control(n, self.cfg.data.image_size, s.orig_size, s.crop, s.flip)
+
+    def grid_prompts(self) -> list[str]:
+        """Text models: the prompts of the sample grid (sample.prompts, else up to 8 distinct captions)."""
+        if self.cfg.sample.prompts:
+            return list(self.cfg.sample.prompts)
+        captions: list[str] = []
+        for i in range(min(len(self.dataset), 200)):
+            caption = self.dataset[i]["caption"]
+            if caption and caption not in captions:
+                captions.append(caption)
+            if len(captions) == 8:
+                break
+        return captions
+
     def write_grid(self, name: str) -> Path | None:
-        """A grid of EMA samples: one column per class, ``grid_rows`` noises per class."""
+        """A grid of EMA samples: one column per class (or prompt), ``grid_rows`` noises each."""
         model = self._ema_eval_model()
         path = None
         if model is not None:
             s = self.cfg.sample
-            n_cls = self.dataset.num_classes
-            ncol = min(n_cls, 18) if s.grid_classes <= 0 else min(s.grid_classes, n_cls)
-            classes = torch.arange(ncol).repeat(s.grid_rows)
-            x = generate(model, classes, self.latent_shape, sampler=s.sampler, steps=s.steps,
-                         guidance=s.guidance, shift=s.shift, seed=self.cfg.seed, device=self.device)
+            if self.text is None:
+                n_cls = self.dataset.num_classes
+                ncol = min(n_cls, 18) if s.grid_classes <= 0 else min(s.grid_classes, n_cls)
+                cond, uncond = conditions_for(self._control(ncol * s.grid_rows),
+                                              class_ids=torch.arange(ncol).repeat(s.grid_rows))
+            else:
+                prompts = self.grid_prompts()
+                ncol = len(prompts)
+                cond, uncond = conditions_for(self._control(ncol * s.grid_rows), prompts=prompts * s.grid_rows,
+                                              text=self.text)
+            x = generate(model, cond, self.latent_shape, uncond=uncond, seed=self.cfg.seed, device=self.device,
+                         **self._sample_kwargs())
             images = to_uint8(self.autoencoder.decode(x.to(self.device)))
             path = self.run_dir / "samples" / f"{name}.png"
             path.parent.mkdir(exist_ok=True)
@@ -476,17 +540,25 @@ class Trainer:
         return path
 
     def evaluate_shapes(self) -> dict[str, Any] | None:
-        from ldmkit.eval.shapes import evaluate_generation
+        from ldmkit.eval.shapes import evaluate_captions, evaluate_generation
 
         model = self._ema_eval_model()
         result = None
         if model is not None:
             s = self.cfg.sample
-            result = evaluate_generation(
-                model, self.dataset, per_class=self.cfg.eval.shapes_per_class,
-                sampler=s.sampler, steps=s.steps, guidance=s.guidance, shift=s.shift,
-                seed=self.cfg.seed + 7, device=self.device, decode=self.autoencoder.decode,
-            )
+            control = dict(orig_size=s.orig_size, crop=s.crop, flip=s.flip)
+            if self.text is None:
+                result = evaluate_generation(
+                    model, self.dataset, per_class=self.cfg.eval.shapes_per_class, control=control,
+                    seed=self.cfg.seed + 7, device=self.device, decode=self.autoencoder.decode,
+                    **self._sample_kwargs(),
+                )
+            else:
+                result = evaluate_captions(
+                    model, self.dataset, self.text, per_caption=self.cfg.eval.shapes_per_caption, control=control,
+                    seed=self.cfg.seed + 7, device=self.device, decode=self.autoencoder.decode,
+                    **self._sample_kwargs(),
+                )
         D.barrier(self.dist)
         return result
 
@@ -515,7 +587,7 @@ class Trainer:
             print(f"Run directory: {self.run_dir}")
             print(f"Model: {cfg.model.name} ({self.n_params / 1e6:.2f}M parameters) on {self.device}"
                   f"{f' x {self.dist.world_size} ranks ({t.parallel})' if self.dist.enabled else ''}; "
-                  f"data: {cfg.data.name} {cfg.data.image_size}px, {self.dataset.num_classes} classes; "
+                  f"data: {cfg.data.name} {cfg.data.image_size}px, " + (f"{self.dataset.num_classes} classes; " if self.text is None else f"captions ({self.text.encoder}); ") +
                   f"batch {t.batch_size} = {self.dist.world_size} ranks x {t.grad_accum} x {self.micro_batch}")
         batches = self._batches()
         first = next(batches)  # also a probe for the FLOP count; replayed below
@@ -611,6 +683,9 @@ class Trainer:
         return TrainResult(self.run_dir, last_ckpt, self.step, grid, result)
 
     def _close(self) -> None:
+        cache = self.cfg.cond.text.cache_file
+        if self.text is not None and cache and self.main:
+            self.text.encoder.save_cache(cache)
         if self.telemetry is not None:
             self.telemetry.close()
 
@@ -623,10 +698,15 @@ class Trainer:
         print(f"  metrics:     {self.run_dir / 'metrics.jsonl'}"
               + (f" (curves: {curves})" if curves else ""))
         if result is not None:
-            print(f"  shapes eval: colour {100 * result['colour']:.1f}%, shape {100 * result['shape']:.1f}%, "
-                  f"both {100 * result['both']:.1f}% over {result['n']} EMA samples "
+            position = f", position {100 * result['position']:.1f}%" if "position" in result else ""
+            print(f"  shapes eval: colour {100 * result['colour']:.1f}%, shape {100 * result['shape']:.1f}%"
+                  f"{position}, both {100 * result['both']:.1f}% over {result['n']} EMA samples "
                   f"-> {self.run_dir / 'eval_shapes.json'}")
-        print(f"Sample more:   ldmkit sample --checkpoint {self.run_dir} --class 0 --num 16 --out grid.png")
+        if self.text is None:
+            print(f"Sample more:   ldmkit sample --checkpoint {self.run_dir} --class 0 --num 16 --out grid.png")
+        else:
+            prompt = self.grid_prompts()[0] if self.grid_prompts() else "a prompt"
+            print(f"Sample more:   ldmkit sample --checkpoint {self.run_dir} --prompt {prompt!r} --num 16 --out grid.png")
 
 
 def _prepend(first: Batch, rest: Iterator[Batch]) -> Iterator[Batch]:
@@ -635,7 +715,7 @@ def _prepend(first: Batch, rest: Iterator[Batch]) -> Iterator[Batch]:
 
 
 def _eval_record(result: dict[str, Any]) -> dict[str, Any]:
-    return {f"eval/shapes_{k}": result[k] for k in ("colour", "shape", "both") if k in result}
+    return {f"eval/shapes_{k}": result[k] for k in ("colour", "shape", "both", "position", "all") if k in result}
 
 
 class _Window:
