@@ -585,9 +585,11 @@ class Trainer:
         cfg, t = self.cfg, self.cfg.train
         if self.main:
             print(f"Run directory: {self.run_dir}")
+            semantic = (f"{self.dataset.num_classes} classes" if self.text is None
+                        else f"captions through {self.text.encoder}")
             print(f"Model: {cfg.model.name} ({self.n_params / 1e6:.2f}M parameters) on {self.device}"
                   f"{f' x {self.dist.world_size} ranks ({t.parallel})' if self.dist.enabled else ''}; "
-                  f"data: {cfg.data.name} {cfg.data.image_size}px, " + (f"{self.dataset.num_classes} classes; " if self.text is None else f"captions ({self.text.encoder}); ") +
+                  f"data: {cfg.data.name} {cfg.data.image_size}px, {semantic}; "
                   f"batch {t.batch_size} = {self.dist.world_size} ranks x {t.grad_accum} x {self.micro_batch}")
         batches = self._batches()
         first = next(batches)  # also a probe for the FLOP count; replayed below
