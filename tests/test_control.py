@@ -40,7 +40,8 @@ def perturbed(embedder):
 
 
 def reference_group(group, ctrl, scales, freq_dim=8):
-    """float64: sinusoid [cos, sin] of scale * value with f_i = 10000 ** (-i / h), MLP, as METHOD.md §3."""
+    """float64: sinusoid [cos, sin] of scale * value with f_i = 10000 ** (-i / h), then Linear, LayerNorm
+    (no parameters), SiLU, Linear (METHOD.md §3)."""
     h = freq_dim // 2
     freqs = 10000.0 ** (-torch.arange(h, dtype=torch.float64) / h)
     feats = []
@@ -50,8 +51,9 @@ def reference_group(group, ctrl, scales, freq_dim=8):
             a = v[:, j : j + 1] * freqs
             feats.append(torch.cat([torch.cos(a), torch.sin(a)], 1))
     x = torch.cat(feats, 1)
-    l1, l2 = group.mlp[0], group.mlp[2]
+    l1, l2 = group.mlp[0], group.mlp[3]
     x = torch.nn.functional.linear(x, l1.weight.double(), l1.bias.double())
+    x = (x - x.mean(1, keepdim=True)) / torch.sqrt(x.var(1, unbiased=False, keepdim=True) + 1e-5)  # LayerNorm
     x = x * torch.sigmoid(x)
     return torch.nn.functional.linear(x, l2.weight.double(), l2.bias.double())
 

@@ -323,8 +323,11 @@ def set_key(cfg: Config, key: str, value: Any) -> None:
     """Set one dotted key, checking the key and the value's type."""
     parts = key.split(".")
     obj: Any = cfg
-    for part in parts[:-1]:
+    for i, part in enumerate(parts[:-1]):
         types_ = _field_types(type(obj))
+        if part in types_ and typing.get_origin(types_[part]) is dict and i == len(parts) - 2:
+            getattr(obj, part)[parts[-1]] = value  # a free-form mapping, e.g. model.options.control_gate=none
+            return
         if part not in types_ or not dataclasses.is_dataclass(types_[part]):
             raise _unknown_key(key)
         obj = getattr(obj, part)

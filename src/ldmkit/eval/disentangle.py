@@ -124,3 +124,110 @@ def content_stability(analyses: dict[int, list[dict[str, Any]]]) -> dict[str, An
             counts[k] += ok
         counts["all"] += all(same.values())
     return {**{k: v / n for k, v in counts.items()}, "n": n, "sizes": sizes}
+
+
+def scaled_sizes(image_size: int, sizes: Sequence[int] = DEFAULT_SIZES, base: int = 256) -> list[int]:
+    """The paper's size conditions (for 256 px models) scaled to a model trained at ``image_size``:
+    {64, ..., 1024} at 256 px are {4, ..., 64} at 16 px, i.e. the same ratios to the target size."""
+    return [max(1, round(s * image_size / base)) for s in sizes]
+
+
+@torch.no_grad()
+def generate_across_sizes(model: torch.nn.Module, cond, shape: tuple[int, int, int], sizes: Sequence[int], *,
+                          uncond=None, decode: Callable[[Tensor], Tensor] | None = None, seed: int = 0,
+                          device: torch.device | str = "cpu", batch_size: int = 256, progress: bool = False,
+                          **sample_kwargs: Any) -> dict[int, Tensor]:
+    """One image per row of ``cond`` and per size condition, from the same noise (``seed``) and the same
+    semantic condition: only ``control["orig_size"]`` changes, to (s, s). Returns size -> (N, 3, H, W)
+    images in [-1, 1] (decoded with ``decode`` when given). ``sample_kwargs`` go to ``generate``."""
+    from dataclasses import replace
+
+    from ldmkit.sampling import generate
+
+    def at_size(c, s: int):
+        if c is None:
+            return None
+        control = dict(c.control)
+        control["orig_size"] = torch.full((c.batch_size, 2), float(s))
+        return replace(c, control=control)
+
+    images = {}
+    for s in sizes:
+        x = generate(model, at_size(cond, s), shape, uncond=at_size(uncond, s), seed=seed, device=device,
+                     batch_size=batch_size, progress=progress, **sample_kwargs)
+        if decode is not None:
+            x = torch.cat([decode(x[i : i + batch_size].to(device)).float().cpu()
+                           for i in range(0, x.shape[0], batch_size)])
+        images[int(s)] = x.clamp(-1, 1)
+    return images
+
+
+def evaluate_disentanglement(model: torch.nn.Module, cfg, *, device: torch.device | str = "cpu", num: int = 64,
+                             sizes: Sequence[int] | None = None, seed: int = 0, class_name: str | None = None,
+                             prompts: Sequence[str] | None = None, crop: Sequence[float] = (0.0, 0.0),
+                             flip: bool = False, lpips_backbone: str | None = None, lpips_lin: str | None = None,
+                             progress: bool = False, **sample_kwargs: Any):
+    """The disentanglement score of a trained model (its run config ``cfg``): ``num`` samples (classes
+    cycling, or one class; text models: ``prompts``, by default every shapes caption), each generated at
+    every size condition from the same noise. Returns (result dict, PIL figure with one row per sample and
+    one column per size). On ``shapes`` the result also holds ``content_stability``."""
+    from ldmkit.autoencoders import build_autoencoder, to_uint8
+    from ldmkit.data import build_dataset
+    from ldmkit.eval.lpips import perceptual_distance
+    from ldmkit.sampling import conditions_for, default_control, make_grid
+
+    dataset = build_dataset(cfg.data, seed=cfg.seed)
+    ae = build_autoencoder(cfg.autoencoder.name).to(device)
+    size = cfg.data.image_size
+    sizes = sorted(int(s) for s in (sizes or scaled_sizes(size)))
+    hr = scaled_sizes(size, HR_SIZES) if set(scaled_sizes(size, HR_SIZES)) <= set(sizes) else sizes[-3:]
+    control = default_control(num, size, None, crop, flip)
+    if cfg.cond.semantic == "text":
+        from ldmkit.eval.shapes import all_captions
+        from ldmkit.train.trainer import build_text_conditioner
+
+        text = build_text_conditioner(cfg, device)
+        if not prompts and cfg.data.name == "shapes":
+            prompts = [c for c, *_ in all_captions(dataset)]
+        prompts = list(prompts or [])
+        if not prompts:
+            raise ValueError("evaluate_disentanglement: a text model needs prompts")
+        cond, uncond = conditions_for(control, prompts=[prompts[i % len(prompts)] for i in range(num)], text=text)
+    else:
+        if class_name is None:
+            classes = torch.arange(num) % dataset.num_classes
+        else:
+            names = list(dataset.class_names)
+            cid = int(class_name) if str(class_name).isdigit() else names.index(class_name)
+            classes = torch.full((num,), cid, dtype=torch.long)
+        cond, uncond = conditions_for(control, class_ids=classes)
+    metric, note = perceptual_distance(backbone_path=lpips_backbone, lin_path=lpips_lin, device=device)
+    latent = (ae.channels, size // ae.downsample, size // ae.downsample)
+    images = generate_across_sizes(model, cond, latent, sizes, uncond=uncond, decode=ae.decode, seed=seed,
+                                   device=device, progress=progress, **sample_kwargs)
+    result = pairwise_scores(images, metric, hr_sizes=hr, batch_size=64)
+    result.update(metric=metric.name, note=note, hr_sizes=hr, paper_sizes=list(DEFAULT_SIZES), settings={
+        **{k: list(v) if isinstance(v, tuple) else v for k, v in sample_kwargs.items()},
+        "seed": seed, "num": num, "crop": list(crop), "flip": bool(flip)})
+    if cfg.data.name == "shapes":
+        from ldmkit.eval.shapes import ShapesEvaluator, to_uint8_images
+
+        evaluator = ShapesEvaluator(colours=dataset.colours, shapes=dataset.shapes)
+        result["content_stability"] = content_stability(
+            {s: evaluator.analyze(to_uint8_images(x)) for s, x in images.items()})
+    rows = min(num, 8)
+    tiles = torch.stack([images[s][:rows] for s in sizes], dim=1).flatten(0, 1)  # (rows * S, 3, H, W)
+    return result, make_grid(to_uint8(tiles).numpy(), ncol=len(sizes))
+
+
+def format_disentanglement(result: dict[str, Any]) -> str:
+    """A short summary of an ``evaluate_disentanglement`` result."""
+    name = "LPIPS" if result["metric"].startswith("lpips") else result["metric"]
+    lines = [f"disentanglement over {result['n']} samples x sizes {result['sizes']}: {name} {result['lpips']:.4f}, "
+             f"{name}/HR {result['lpips_hr']:.4f} (HR = {result['hr_sizes']}; lower = content depends less on "
+             "the size condition)"]
+    cs = result.get("content_stability")
+    if cs:
+        lines.append(f"  shapes content unchanged across sizes: colour {100 * cs['colour']:.1f}%, shape "
+                     f"{100 * cs['shape']:.1f}%, position {100 * cs['position']:.1f}%, all {100 * cs['all']:.1f}%")
+    return "\n".join(lines)

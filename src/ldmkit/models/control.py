@@ -7,8 +7,8 @@
 ``ControlEmbedder`` returns ``E_high + γ(t) · E_low`` (B, D), the term a model adds to its adaLN vector
 (the improved mmDiT's ``control_embedding`` hook). Each scalar of a field becomes a 256-d sinusoid (the
 timestep sinusoid of ``scale · value``), the features of a group are concatenated and an MLP
-(Linear -> SiLU -> Linear) maps them to the model width. Scales: pixel fields (``orig_size`` (h, w),
-``crop`` (top, left)) are embedded as they are, like SDXL's micro-conditioning; ``flip`` (0/1) and
+(Linear -> LayerNorm without parameters -> SiLU -> Linear) maps them to the model width. Scales: pixel
+fields (``orig_size`` (h, w), ``crop`` (top, left)) are embedded as they are, like SDXL's micro-conditioning; ``flip`` (0/1) and
 ``aspect`` (w/h) are multiplied by 1000, as timesteps are, so that their range spans the sinusoid's
 frequencies. Rows marked in ``cond.control_dropped`` (control dropout for two-scale guidance, §5) get a
 learned null embedding per group instead; so does every row when none of a group's fields is in
@@ -53,14 +53,19 @@ def time_gate(t: Tensor, kind: GateKind = "cosine", alpha: float = 1.0) -> Tenso
 
 
 class _GroupEmbedder(nn.Module):
-    """Sinusoids of the group's scalars -> Linear -> SiLU -> Linear, plus a learned null embedding."""
+    """Sinusoids of the group's scalars -> Linear -> LayerNorm -> SiLU -> Linear, plus a learned null embedding."""
 
     def __init__(self, names: tuple[str, ...], hidden_size: int, freq_dim: int) -> None:
         super().__init__()
         self.names = names
         self.freq_dim = freq_dim
         n_scalars = sum(max(1, math.prod(CONTROL_FIELDS[n])) for n in names)
-        self.mlp = nn.Sequential(nn.Linear(n_scalars * freq_dim, hidden_size), nn.SiLU(),
+        # The LayerNorm (no parameters) keeps the hidden units alive: control values are nearly constant
+        # over a batch (aspect 1, crop 0, ...), so Adam moves every first-layer weight of a unit the same way
+        # and, without it, drives all pre-activations negative within ~100 steps at lr 1e-3 (dead SiLUs:
+        # the embedder then ignores its input).
+        self.mlp = nn.Sequential(nn.Linear(n_scalars * freq_dim, hidden_size),
+                                 nn.LayerNorm(hidden_size, elementwise_affine=False), nn.SiLU(),
                                  nn.Linear(hidden_size, hidden_size))
         self.null = nn.Parameter(torch.zeros(hidden_size))
 
@@ -114,8 +119,8 @@ class ControlEmbedder(nn.Module):
             if group is not None:
                 nn.init.normal_(group.mlp[0].weight, std=0.02)
                 nn.init.zeros_(group.mlp[0].bias)
-                nn.init.zeros_(group.mlp[2].weight)
-                nn.init.zeros_(group.mlp[2].bias)
+                nn.init.zeros_(group.mlp[3].weight)
+                nn.init.zeros_(group.mlp[3].bias)
                 nn.init.zeros_(group.null)
 
     def forward(self, cond: Conditioning | None, t: Tensor) -> Tensor:
