@@ -23,7 +23,7 @@ from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass, replace
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 import numpy as np
 import torch
@@ -46,6 +46,9 @@ from ldmkit.train.ema import EMA
 from ldmkit.train.metrics import read_metrics
 from ldmkit.train.telemetry import (Telemetry, forward_flops_per_image, peak_memory_gib,
                                     peak_tflops, reset_peak_memory)
+
+if TYPE_CHECKING:
+    from ldmkit.text import TextConditioner
 
 # Sections whose change would make a checkpoint mean something else; resuming refuses such changes
 # (except for the keys listed after them, which change how, not what, is computed).
@@ -577,7 +580,10 @@ class Trainer:
                 model = model_from_config(self.model_json)
             x = torch.empty((1, *self.latent_shape), device="meta")
             tt = torch.full((1,), 0.5, device="meta")
-            return 3.0 * forward_flops_per_image(model, x, tt, probe.cond.index(slice(0, 1)).to("meta"))
+            cond = probe.cond.index(slice(0, 1))
+            if self.text is not None:  # the caption's tokens (no padding noise: the global RNG stays untouched)
+                cond = replace(cond, **self.text(probe.captions[:1], training=False))
+            return 3.0 * forward_flops_per_image(model, x, tt, cond.to("meta"))
         except Exception:  # FLOP counting is telemetry: never let it stop a run
             return None
 
