@@ -165,8 +165,10 @@ def write_results(out: Path, spec: dict[str, Any], rows: list[dict[str, Any]]) -
 def _fmt(key: str, value: Any) -> str:
     if value is None:
         return "—"
-    if key in ("loss", "lpips", "lpips_hr"):
+    if key == "loss":
         return f"{value:.4f}"
+    if key in ("lpips", "lpips_hr"):
+        return f"{value:.3g}"  # distances span orders of magnitude between variants
     return f"{100 * value:.1f}%"
 
 
