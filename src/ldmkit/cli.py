@@ -87,9 +87,9 @@ def _control_settings(args: argparse.Namespace, cfg) -> dict:
 def _text_conditioner(cfg, device):
     if cfg.cond.semantic != "text":
         return None
-    from ldmkit.train.trainer import build_text_conditioner
+    from ldmkit.text import build_text_conditioner
 
-    return build_text_conditioner(cfg, device)
+    return build_text_conditioner(cfg.cond.text, device)
 
 
 def _class_id(value: str, dataset) -> int:

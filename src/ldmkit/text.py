@@ -124,3 +124,13 @@ class TextConditioner:
                                   generator=generator, eps=eps)
         return {"text": tokens.to(device), "text_mask": None if mask is None else mask.to(device),
                 "text_pooled": enc.pooled.to(device) if self.pooled else None}
+
+
+def build_text_conditioner(tc, device: torch.device | str = "cpu") -> TextConditioner:
+    """The frozen encoder and the padding a run's ``cond.text`` section (``config.TextConfig``) describes;
+    the encoder's cache is pre-filled from ``tc.cache_file`` when that file exists."""
+    from ldmkit.text_encoder import load_text_encoder
+
+    encoder = load_text_encoder(tc.encoder, max_length=tc.length, device=device, cache_file=tc.cache_file)
+    return TextConditioner(encoder, tc.length, tc.padding, tc.noise_sigma, use_mask=tc.mask_zero_padding,
+                           noise_at_inference=tc.noise_at_inference, pooled=tc.pooled)

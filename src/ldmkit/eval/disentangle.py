@@ -184,9 +184,9 @@ def evaluate_disentanglement(model: torch.nn.Module, cfg, *, device: torch.devic
     control = default_control(num, size, None, crop, flip)
     if cfg.cond.semantic == "text":
         from ldmkit.eval.shapes import all_captions
-        from ldmkit.train.trainer import build_text_conditioner
+        from ldmkit.text import build_text_conditioner
 
-        text = build_text_conditioner(cfg, device)
+        text = build_text_conditioner(cfg.cond.text, device)
         if not prompts and cfg.data.name == "shapes":
             prompts = [c for c, *_ in all_captions(dataset)]
         prompts = list(prompts or [])

@@ -23,7 +23,7 @@ from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass, replace
 from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -39,6 +39,7 @@ from ldmkit.data.stream import StreamDataset, StreamSampler
 from ldmkit.diffusion.flow import FlowMatching
 from ldmkit.models import build_model, model_from_config
 from ldmkit.sampling import conditions_for, default_control, generate, make_grid
+from ldmkit.text import build_text_conditioner
 from ldmkit.train import distributed as D
 from ldmkit.train.checkpoint import (list_checkpoints, load_initial_weights, load_train_state, model_config,
                                      resolve_checkpoint, save_checkpoint)
@@ -46,9 +47,6 @@ from ldmkit.train.ema import EMA
 from ldmkit.train.metrics import read_metrics
 from ldmkit.train.telemetry import (Telemetry, forward_flops_per_image, peak_memory_gib,
                                     peak_tflops, reset_peak_memory)
-
-if TYPE_CHECKING:
-    from ldmkit.text import TextConditioner
 
 # Sections whose change would make a checkpoint mean something else; resuming refuses such changes
 # (except for the keys listed after them, which change how, not what, is computed).
@@ -149,17 +147,6 @@ def build_objective(cfg: Config, model: torch.nn.Module) -> FlowMatching:
     return FlowMatching(d.timesteps, d.logit_mean, d.logit_std)
 
 
-def build_text_conditioner(cfg: Config, device: torch.device) -> "TextConditioner":
-    """The frozen text encoder and padding of a text-conditional run (cond.semantic = text)."""
-    from ldmkit.text import TextConditioner
-    from ldmkit.text_encoder import load_text_encoder
-
-    tc = cfg.cond.text
-    encoder = load_text_encoder(tc.encoder, max_length=tc.length, device=device, cache_file=tc.cache_file)
-    return TextConditioner(encoder, tc.length, tc.padding, tc.noise_sigma, use_mask=tc.mask_zero_padding,
-                           noise_at_inference=tc.noise_at_inference, pooled=tc.pooled)
-
-
 def step_seed(seed: int, step: int) -> int:
     """Seed of the random draws of optimizer step ``step`` (well mixed, independent of world size)."""
     return int(np.random.SeedSequence([seed, step, 0x5EED]).generate_state(1, dtype=np.uint64)[0] >> 1)
@@ -228,7 +215,7 @@ class Trainer:
         self.autoencoder = build_autoencoder(cfg.autoencoder.name).to(self.device)
         size = cfg.data.image_size // self.autoencoder.downsample
         self.latent_shape = (self.autoencoder.channels, size, size)
-        self.text = build_text_conditioner(cfg, self.device) if cfg.cond.semantic == "text" else None
+        self.text = build_text_conditioner(cfg.cond.text, self.device) if cfg.cond.semantic == "text" else None
         m = cfg.model
         self.model = build_model(
             m.name, in_channels=self.latent_shape[0], input_size=size,
