@@ -53,9 +53,13 @@ def _load_for_sampling(args: argparse.Namespace):
     return ckpt, model, cfg, device
 
 
+def pick(value, default):
+    """A command-line flag's value, or the run's setting when the flag was not given."""
+    return default if value is None else value
+
+
 def _sample_settings(args: argparse.Namespace, cfg) -> dict:
     s = cfg.sample
-    pick = lambda value, default: default if value is None else value  # noqa: E731
     return {
         "sampler": args.sampler or s.sampler,
         "steps": pick(args.steps, s.steps),
@@ -79,9 +83,7 @@ def _pair(text: str, what: str) -> tuple[float, float]:
 def _control_settings(args: argparse.Namespace, cfg) -> dict:
     """Keyword arguments of ``default_control``: the flags, else the run's sample.* values."""
     s = cfg.sample
-    return {"orig_size": args.size if args.size is not None else s.orig_size,
-            "crop": args.crop if args.crop is not None else s.crop,
-            "flip": args.flip if args.flip is not None else s.flip}
+    return {"orig_size": pick(args.size, s.orig_size), "crop": pick(args.crop, s.crop), "flip": pick(args.flip, s.flip)}
 
 
 def _text_conditioner(cfg, device):
@@ -185,10 +187,15 @@ def cmd_eval_shapes(args: argparse.Namespace) -> int:
 def cmd_eval_disentangle(args: argparse.Namespace) -> int:
     from ldmkit.eval.disentangle import evaluate_disentanglement, format_disentanglement
 
+    from ldmkit.data import build_dataset
+
     ckpt, model, cfg, device = _load_for_sampling(args)
     control = _control_settings(args, cfg)
+    if cfg.cond.semantic == "text" and args.cls is not None:
+        raise ConfigError("--class: this model is text-conditional; use --prompt")
+    class_id = None if args.cls is None else _class_id(args.cls, build_dataset(cfg.data, seed=cfg.seed))
     result, figure = evaluate_disentanglement(
-        model, cfg, device=device, num=args.num, sizes=args.sizes, seed=args.seed, class_name=args.cls,
+        model, cfg, device=device, num=args.num, sizes=args.sizes, seed=args.seed, class_id=class_id,
         prompts=args.prompt, crop=control["crop"], flip=control["flip"], lpips_backbone=args.lpips_backbone,
         lpips_lin=args.lpips_lin, progress=True, **_sample_settings(args, cfg))
     result.update(checkpoint=str(ckpt), ema=not args.no_ema)

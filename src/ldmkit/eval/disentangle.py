@@ -163,12 +163,12 @@ def generate_across_sizes(model: torch.nn.Module, cond, shape: tuple[int, int, i
 
 
 def evaluate_disentanglement(model: torch.nn.Module, cfg, *, device: torch.device | str = "cpu", num: int = 64,
-                             sizes: Sequence[int] | None = None, seed: int = 0, class_name: str | None = None,
+                             sizes: Sequence[int] | None = None, seed: int = 0, class_id: int | None = None,
                              prompts: Sequence[str] | None = None, crop: Sequence[float] = (0.0, 0.0),
                              flip: bool = False, lpips_backbone: str | None = None, lpips_lin: str | None = None,
                              progress: bool = False, **sample_kwargs: Any):
     """The disentanglement score of a trained model (its run config ``cfg``): ``num`` samples (classes
-    cycling, or one class; text models: ``prompts``, by default every shapes caption), each generated at
+    cycling, or ``class_id``; text models: ``prompts``, by default every shapes caption), each generated at
     every size condition from the same noise. Returns (result dict, PIL figure with one row per sample and
     one column per size). On ``shapes`` the result also holds ``content_stability``."""
     from ldmkit.autoencoders import build_autoencoder, to_uint8
@@ -194,12 +194,10 @@ def evaluate_disentanglement(model: torch.nn.Module, cfg, *, device: torch.devic
             raise ValueError("evaluate_disentanglement: a text model needs prompts")
         cond, uncond = conditions_for(control, prompts=[prompts[i % len(prompts)] for i in range(num)], text=text)
     else:
-        if class_name is None:
+        if class_id is None:
             classes = torch.arange(num) % dataset.num_classes
         else:
-            names = list(dataset.class_names)
-            cid = int(class_name) if str(class_name).isdigit() else names.index(class_name)
-            classes = torch.full((num,), cid, dtype=torch.long)
+            classes = torch.full((num,), int(class_id), dtype=torch.long)
         cond, uncond = conditions_for(control, class_ids=classes)
     metric, note = perceptual_distance(backbone_path=lpips_backbone, lin_path=lpips_lin, device=device)
     latent = (ae.channels, size // ae.downsample, size // ae.downsample)

@@ -101,12 +101,7 @@ class ControlEmbedder(nn.Module):
     def __init__(self, hidden_size: int, high: tuple[str, ...] = DEFAULT_HIGH, low: tuple[str, ...] = DEFAULT_LOW,
                  gate: GateKind = "cosine", alpha: float = 1.0, freq_dim: int = 256) -> None:
         super().__init__()
-        for name in (*high, *low):
-            if name not in CONTROL_FIELDS:
-                raise ValueError(f"control field {name!r}: expected one of {sorted(CONTROL_FIELDS)}")
-        if set(high) & set(low):
-            raise ValueError(f"control fields {sorted(set(high) & set(low))} are in both groups")
-        time_gate(torch.zeros(1), gate, alpha)  # validates gate and alpha
+        check_control_options(high, low, gate, alpha)
         self.gate, self.alpha = gate, alpha
         self.high = _GroupEmbedder(tuple(high), hidden_size, freq_dim) if high else None
         self.low = _GroupEmbedder(tuple(low), hidden_size, freq_dim) if low and gate != "none" else None
@@ -138,13 +133,20 @@ class ControlEmbedder(nn.Module):
         return out
 
 
-def control_init_kwargs(high, low, gate: str, alpha: float) -> dict:
-    """The control arguments of a model constructor as JSON-ready ``init_kwargs`` (validated)."""
-    high, low = [str(n) for n in (high or ())], [str(n) for n in (low or ())]
+def check_control_options(high, low, gate: str, alpha: float) -> None:
+    """Raise ValueError naming the bad field, group overlap, gate or alpha."""
     for name in (*high, *low):
         if name not in CONTROL_FIELDS:
             raise ValueError(f"control field {name!r}: expected one of {sorted(CONTROL_FIELDS)}")
+    if set(high) & set(low):
+        raise ValueError(f"control fields {sorted(set(high) & set(low))} are in both groups")
     time_gate(torch.zeros(1), gate, alpha)  # validates gate and alpha
+
+
+def control_init_kwargs(high, low, gate: str, alpha: float) -> dict:
+    """The control arguments of a model constructor as JSON-ready ``init_kwargs`` (validated)."""
+    high, low = [str(n) for n in (high or ())], [str(n) for n in (low or ())]
+    check_control_options(high, low, gate, alpha)
     return dict(control_high=high, control_low=low, control_gate=str(gate), control_alpha=float(alpha))
 
 

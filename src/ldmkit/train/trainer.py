@@ -700,7 +700,7 @@ class Trainer:
         if self.text is None:
             print(f"Sample more:   ldmkit sample --checkpoint {self.run_dir} --class 0 --num 16 --out grid.png")
         else:
-            prompt = self.grid_prompts()[0] if self.grid_prompts() else "a prompt"
+            prompt = next(iter(self.grid_prompts()), "a prompt")
             print(f"Sample more:   ldmkit sample --checkpoint {self.run_dir} --prompt {prompt!r} --num 16 --out grid.png")
 
 
