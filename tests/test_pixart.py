@@ -204,8 +204,8 @@ def test_interpolation_scale_conventions():
     x, t, text, mask = text_inputs(seed=5)
     torch.testing.assert_close(run_ours(model, x, t, text, mask), run_diffusers(dm, x, t, text, mask),
                                atol=1e-5, rtol=1e-5)
-    # pe_base_size (positions on a coarser pre-training grid) maps to interpolation_scale * grid / base
-    ours = PixArt(context_dim=16, pe_base_size=2, pe_interpolation=1.5, **TINY).eval()  # grid 4
+    # pe_base_grid (positions on a coarser pre-training grid) maps to interpolation_scale * grid / base
+    ours = PixArt(context_dim=16, pe_base_grid=2, pe_interpolation=1.5, **TINY).eval()  # grid 4
     perturb(ours, seed=6)
     dm2 = to_diffusers(ours)
     assert dm2.config.interpolation_scale == 3  # 1.5 * 4 / 2

@@ -183,12 +183,16 @@ def test_init_from_a_run_or_a_weights_dir_starts_from_those_weights(tmp_path):
     weights_dir = save_weights(load_model(source)[0], tmp_path / "weights")
 
     for init in (source, weights_dir):
-        trainer = Trainer(tiny_config(tmp_path / f"from_{init.name}", f"model.init_from={init}"), progress=False)
+        run = tmp_path / f"from_{init.name}"
+        trainer = Trainer(tiny_config(run, f"init.from={init}"), progress=False)
         state = trainer.model.state_dict()
         assert set(state) == set(ema) and all(torch.equal(state[k], ema[k]) for k in ema)
+        report = json.loads((run / "init_report.json").read_text())
+        assert report["fraction_from_source"] == 1.0 and not report["reinitialised"]
+        assert load_config(run / "config.yaml").init.from_ == str(init)  # `init.from` round-trips
 
-    with pytest.raises(ValueError, match=r"model.init_from=.*shape mismatch: \['"):
-        Trainer(tiny_config(tmp_path / "wider", f"model.init_from={source}", "model.hidden_size=96"),
+    with pytest.raises(ValueError, match=r"init.from=.*would set only .*init.allow_partial"):
+        Trainer(tiny_config(tmp_path / "wider", f"init.from={source}", "model.hidden_size=96"),
                 progress=False)
-    with pytest.raises(FileNotFoundError, match="model.init_from"):
-        Trainer(tiny_config(tmp_path / "nowhere", f"model.init_from={tmp_path / 'missing'}"), progress=False)
+    with pytest.raises(FileNotFoundError, match="init.from"):
+        Trainer(tiny_config(tmp_path / "nowhere", f"init.from={tmp_path / 'missing'}"), progress=False)

@@ -14,12 +14,17 @@ the variants (each a list of ``key=value`` overrides) and the evaluations to run
 ``ldmkit ablate FILE`` writes ``runs/ablation-<name>-<time>/`` with one run directory per variant and
 ``results.json``, ``results.md`` (a table) and ``results.png`` (a bar chart per metric). A variant whose
 ``result.json`` exists is not trained again, so an interrupted ablation continues with ``--out DIR``.
+
+Two-stage studies (pre-train, then fine-tune; METHOD.md §7): an override value ``{run:NAME}`` is the run
+directory of the earlier variant NAME, e.g. ``init.from={run:pretrain}``. Variants that evaluate during
+training (``eval.shapes_every``) also get ``curves.png``: quality against training steps.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -65,11 +70,26 @@ def load_spec(path: str | Path) -> dict[str, Any]:
     if bad:
         raise ConfigError(f"ablation file {str(path)!r}: unknown evaluation(s) {bad}; expected {EVALUATIONS}")
     variants = {str(k): [str(o) for o in (v or [])] for k, v in spec["variants"].items()}
+    seen: list[str] = []
+    for name, overrides in variants.items():  # {run:NAME} must name an earlier variant
+        for ref in (m for o in overrides for m in RUN_REF.findall(o)):
+            if ref not in seen:
+                raise ConfigError(f"ablation file {str(path)!r}: variant {name!r} refers to {{run:{ref}}}, which is "
+                                  f"not an earlier variant (earlier: {seen})")
+        seen.append(name)
     spec = {"name": path.stem, "description": spec.get("description", ""), "base": str(base),
             "overrides": [str(o) for o in spec.get("overrides") or []], "variants": variants, "evaluate": evaluate}
     for name, overrides in variants.items():  # every variant's config must be valid before anything trains
-        load_config(base, [*spec["overrides"], *overrides])
+        load_config(base, [*spec["overrides"], *_resolve(overrides, path.parent / "runs")])
     return spec
+
+
+RUN_REF = re.compile(r"\{run:([^}]+)\}")
+
+
+def _resolve(overrides: list[str], out: Path) -> list[str]:
+    """``{run:NAME}`` -> the run directory of variant NAME under ``out``."""
+    return [RUN_REF.sub(lambda m: str(out / m.group(1)), o) for o in overrides]
 
 
 def run_ablation(path: str | Path, extra: list[str] | tuple[str, ...] = (), out: str | Path | None = None,
@@ -96,13 +116,14 @@ def run_ablation(path: str | Path, extra: list[str] | tuple[str, ...] = (), out:
 
             shutil.rmtree(run_dir)
         print(f"[{spec['name']}] {name}: {' '.join(overrides) or '(base recipe)'}")
-        cfg = load_config(spec["base"], [*spec["overrides"], *overrides, *extra, f"run.dir={run_dir}",
-                                         f"run.name={name}"])
+        cfg = load_config(spec["base"], [*spec["overrides"], *_resolve(overrides, out), *extra,
+                                         f"run.dir={run_dir}", f"run.name={name}"])
         if "shapes" not in spec["evaluate"]:
             cfg.eval.shapes_at_end = False
         trained = train(cfg, progress=progress)
         row = {"variant": name, "overrides": overrides, "run_dir": str(run_dir)}
         row.update(_final_loss(run_dir))
+        row["curve"] = _eval_curve(run_dir)
         if trained.shapes_eval:
             row.update({k: trained.shapes_eval[k] for k in ("colour", "shape", "position", "left_right", "all")
                         if k in trained.shapes_eval})
@@ -114,6 +135,15 @@ def run_ablation(path: str | Path, extra: list[str] | tuple[str, ...] = (), out:
         rows.append(row)
     write_results(out, spec, rows)
     return out
+
+
+def _eval_curve(run_dir: Path) -> list[dict[str, float]]:
+    """(step, accuracies) of every evaluation logged during training."""
+    from ldmkit.train.metrics import read_metrics
+
+    return [{"step": r["step"], **{k.removeprefix("eval/shapes_"): v for k, v in r.items()
+                                   if k.startswith("eval/shapes_")}}
+            for r in read_metrics(run_dir / "metrics.jsonl") if any(k.startswith("eval/shapes_") for k in r)]
 
 
 def _final_loss(run_dir: Path) -> dict[str, float]:
@@ -129,10 +159,10 @@ def _disentangle(cfg, checkpoint: Path, num: int) -> dict[str, Any]:
     from ldmkit.train.checkpoint import load_model
 
     model, _ = load_model(checkpoint, ema=True)
-    s = cfg.sample
-    result, figure = evaluate_disentanglement(
-        model, cfg, num=num, seed=cfg.seed + 11, sampler=s.sampler, steps=s.steps, guidance=s.guidance,
-        control_guidance=s.control_guidance, interval=tuple(s.guidance_interval), shift=s.shift)
+    from ldmkit.sampling import sample_settings
+
+    result, figure = evaluate_disentanglement(model, cfg, num=num, seed=cfg.seed + 11,
+                                              **sample_settings(cfg, model))
     figure.save(checkpoint.parent.parent / "disentangle.png")
     row = {"lpips": result["lpips"], "lpips_hr": result["lpips_hr"], "distance_metric": result["metric"]}
     if "content_stability" in result:
@@ -158,6 +188,8 @@ def write_results(out: Path, spec: dict[str, Any], rows: list[dict[str, Any]]) -
     (out / "results.md").write_text("\n".join(lines) + "\n")
     try:
         _plot(out / "results.png", spec, rows, keys)
+        if sum(len(r.get("curve") or []) > 1 for r in rows) >= 2:
+            _plot_curves(out / "curves.png", spec, rows)
     except ImportError:
         pass
 
@@ -185,6 +217,30 @@ def _plot(path: Path, spec: dict[str, Any], rows: list[dict[str, Any]], keys: li
         ax.bar(range(len(rows)), values, color=[f"C{i}" for i in range(len(rows))])
         ax.set_xticks(range(len(rows)), names, rotation=30, ha="right", fontsize=8)
         ax.set_title(f"{COLUMNS[key][0]} {'↑' if COLUMNS[key][1] else '↓'}", fontsize=9)
+    fig.suptitle(f"ablation: {spec['name']}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _plot_curves(path: Path, spec: dict[str, Any], rows: list[dict[str, Any]]) -> None:
+    """Accuracy against training steps, one line per variant that evaluated during training."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    curved = [r for r in rows if len(r.get("curve") or []) > 1]
+    keys = [k for k in ("colour", "shape", "both", "position", "all") if any(k in p for r in curved for p in r["curve"])]
+    fig, axes = plt.subplots(1, len(keys), figsize=(3.4 * len(keys), 3.2), squeeze=False)
+    for ax, key in zip(axes[0], keys):
+        for i, r in enumerate(curved):
+            pts = [(p["step"], p[key]) for p in r["curve"] if key in p]
+            ax.plot([a for a, _ in pts], [100 * b for _, b in pts], "o-", ms=3, color=f"C{i}", label=r["variant"])
+        ax.set_xlabel("training steps", fontsize=8)
+        ax.set_title(f"{key} accuracy (%)", fontsize=9)
+        ax.grid(alpha=0.3)
+    axes[0][-1].legend(fontsize=7)
     fig.suptitle(f"ablation: {spec['name']}", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -58,16 +58,23 @@ def pick(value, default):
     return default if value is None else value
 
 
-def _sample_settings(args: argparse.Namespace, cfg) -> dict:
-    s = cfg.sample
-    return {
-        "sampler": args.sampler or s.sampler,
-        "steps": pick(args.steps, s.steps),
-        "guidance": pick(args.guidance, s.guidance),
-        "control_guidance": pick(args.control_guidance, s.control_guidance),
-        "interval": tuple(pick(args.interval, s.guidance_interval)),
-        "shift": pick(args.shift, s.shift),
-    }
+def _sample_settings(args: argparse.Namespace, cfg, model) -> dict:
+    """The run's sampling settings (``sampling.sample_settings``) with the command-line flags applied."""
+    from ldmkit.sampling import sample_settings
+
+    out = sample_settings(cfg, model)
+    run_shift = cfg.sample.shift
+    out.update(sampler=args.sampler or out["sampler"], steps=pick(args.steps, out["steps"]),
+               guidance=pick(args.guidance, out["guidance"]),
+               control_guidance=pick(args.control_guidance, out["control_guidance"]),
+               interval=tuple(pick(args.interval, out["interval"])), eta=pick(args.eta, out["eta"]))
+    if args.shift is not None:  # --shift replaces sample.shift; a resolution scale still multiplies it
+        out["shift"] = out["shift"] / run_shift * args.shift
+    fits = ("auto", "ddim", "ancestral") if out["diffusion"] is not None else ("auto", "euler", "heun")
+    if out["sampler"] not in fits:
+        raise ConfigError(f"--sampler {out['sampler']}: this model was trained with diffusion.objective="
+                          f"{cfg.diffusion.objective!r}; use one of {fits[1:]}")
+    return out
 
 
 def _pair(text: str, what: str) -> tuple[float, float]:
@@ -142,7 +149,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
         cond, uncond = conditions_for(control, class_ids=classes)
         what = "every class" if args.cls is None else f"class {dataset.class_names[int(classes[0])]!r}"
     size = cfg.data.image_size // ae.downsample
-    settings = _sample_settings(args, cfg)
+    settings = _sample_settings(args, cfg, model)
     x = generate(model, cond, (ae.channels, size, size), uncond=uncond, seed=args.seed, device=device,
                  progress=True, **settings)
     images = to_uint8(ae.decode(x.to(device))).numpy()
@@ -167,7 +174,7 @@ def cmd_eval_shapes(args: argparse.Namespace) -> int:
         raise ConfigError(f"eval shapes needs a model trained on data.name='shapes', not {cfg.data.name!r}")
     dataset = build_dataset(cfg.data, seed=cfg.seed)
     ae = build_autoencoder(cfg.autoencoder.name).to(device)
-    settings = _sample_settings(args, cfg)
+    settings = _sample_settings(args, cfg, model)
     text = _text_conditioner(cfg, device)
     common = dict(seed=args.seed, device=device, decode=ae.decode, progress=True,
                   control=_control_settings(args, cfg), **settings)
@@ -197,7 +204,7 @@ def cmd_eval_disentangle(args: argparse.Namespace) -> int:
     result, figure = evaluate_disentanglement(
         model, cfg, device=device, num=args.num, sizes=args.sizes, seed=args.seed, class_id=class_id,
         prompts=args.prompt, crop=control["crop"], flip=control["flip"], lpips_backbone=args.lpips_backbone,
-        lpips_lin=args.lpips_lin, progress=True, **_sample_settings(args, cfg))
+        lpips_lin=args.lpips_lin, progress=True, **_sample_settings(args, cfg, model))
     result.update(checkpoint=str(ckpt), ema=not args.no_ema)
     if result["note"]:
         print(f"note: {result['note']}")
@@ -280,7 +287,9 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", required=True, help="checkpoint directory, or a run directory (newest checkpoint)")
-    p.add_argument("--sampler", choices=["euler", "heun"], help="default: the run's sample.sampler")
+    p.add_argument("--sampler", choices=["euler", "heun", "ddim", "ancestral"],
+                   help="default: the run's sample.sampler (flow: euler/heun; ddpm: ddim/ancestral)")
+    p.add_argument("--eta", type=float, help="ddim: 0 deterministic, 1 stochastic (default: sample.ddim_eta)")
     p.add_argument("--steps", type=int, help="sampler steps (default: the run's sample.steps)")
     p.add_argument("--guidance", type=float, help="semantic guidance scale w_sem (1 = none; default: the run's)")
     p.add_argument("--control-guidance", type=float,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import keyword
 import types
 import typing
 from dataclasses import dataclass, field
@@ -76,18 +77,42 @@ class ModelConfig:
     qk_norm: Optional[bool] = None
     # Any other constructor argument of the architecture, e.g. {class_in_adaln: true} for mmDiT.
     options: dict[str, Any] = field(default_factory=dict)
-    # Initial weights for fine-tuning: a weights directory (e.g. from `ldmkit convert`) or a checkpoint /
-    # run directory (its EMA weights). Names and shapes must match the configured model exactly.
-    init_from: Optional[str] = None
+
+
+@dataclass
+class InitConfig:
+    """Initial weights from another run, dataset or resolution (METHOD.md §7, ``train/transfer.py``).
+
+    Tensors whose name and shape match are loaded; positional and class tables are adapted; the rest keeps
+    its fresh initialisation; a report is printed and saved as ``init_report.json`` in the run.
+    """
+
+    from_: Optional[str] = None  # key `init.from`: a checkpoint, run or weights directory (EMA weights)
+    pe: Literal["extrapolate", "resample", "interpolate"] = "resample"  # positions on a new token grid
+    class_map: Optional[str] = None  # file: per target class, the source class index (-1: none)
+    source_classes: Optional[str] = None  # or two class lists (one name/synset per line) matched by name
+    target_classes: Optional[str] = None
+    allow_partial: bool = False  # accept a source that sets less than min_fraction of the values
+    min_fraction: float = 0.5
 
 
 @dataclass
 class DiffusionConfig:
-    objective: Literal["flow", "flow_masked"] = "flow"  # flow_masked: MDT's two-pass masked training
+    objective: Literal["flow", "flow_masked", "ddpm"] = "flow"  # flow_masked: MDT's two-pass masked training
     mask_ratio: tuple[float, float] = (0.3, 0.5)  # flow_masked: per-step mask ratio ~ U[lo, hi]
-    timesteps: Literal["uniform", "logit_normal"] = "logit_normal"
+    timesteps: Literal["uniform", "logit_normal"] = "logit_normal"  # flow: training-time distribution
     logit_mean: float = 0.0
     logit_std: float = 1.0
+    # DDPM (objective: ddpm); learned variance follows model.learn_sigma (hybrid loss).
+    schedule: Literal["linear", "cosine", "scaled_linear"] = "linear"
+    num_steps: int = 1000  # T; step k is the model's t = k / T
+    prediction: Literal["eps", "v", "x0"] = "eps"
+    loss_weighting: Literal["none", "min_snr"] = "none"
+    min_snr_gamma: float = 5.0
+    # Noise-schedule scaling for resolution (METHOD.md §7): SNR / s². "auto": s = data.image_size /
+    # base_resolution (base_resolution defaults to the init.from run's data.image_size).
+    resolution_scale: Union[float, Literal["auto"]] = 1.0
+    base_resolution: Optional[int] = None
 
 
 @dataclass
@@ -149,8 +174,10 @@ class TrainConfig:
 
 @dataclass
 class SampleConfig:
-    sampler: Literal["euler", "heun"] = "heun"
+    # flow: euler | heun; ddpm: ddim | ancestral; auto: heun for flow, ddim for ddpm
+    sampler: Literal["auto", "euler", "heun", "ddim", "ancestral"] = "auto"
     steps: int = 50
+    ddim_eta: float = 0.0  # ddim: 0 deterministic, 1 ancestral-like
     guidance: float = 4.0  # w_sem: semantic (class / text) guidance scale
     control_guidance: float = 1.0  # w_ctrl: control guidance scale (1: ordinary guidance, 2 branches)
     guidance_interval: tuple[float, float] = (0.0, 1.0)  # guide only for t in [lo, hi] (t = 1 noise)
@@ -179,6 +206,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     autoencoder: AutoencoderConfig = field(default_factory=AutoencoderConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
+    init: InitConfig = field(default_factory=InitConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     cond: ConditioningConfig = field(default_factory=ConditioningConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -192,7 +220,16 @@ class Config:
 
 
 def _field_types(cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
+    """Config key -> type. A key that is a Python keyword (``init.from``) is the field ``from_``."""
+    return {_key(name): tp for name, tp in typing.get_type_hints(cls).items()}
+
+
+def _key(attr: str) -> str:
+    return attr[:-1] if attr.endswith("_") and keyword.iskeyword(attr[:-1]) else attr
+
+
+def _attr(key: str) -> str:
+    return key + "_" if keyword.iskeyword(key) else key
 
 
 def all_keys(cls: type = Config, prefix: str = "") -> list[str]:
@@ -314,9 +351,9 @@ def _apply_mapping(obj: Any, mapping: dict[str, Any], prefix: str) -> None:
         if dataclasses.is_dataclass(tp):
             if not isinstance(value, dict):
                 raise ConfigError(f"config key {key!r} is a section: expected a mapping, got {value!r}")
-            _apply_mapping(getattr(obj, name), value, key + ".")
+            _apply_mapping(getattr(obj, _attr(name)), value, key + ".")
         else:
-            setattr(obj, name, _coerce(key, value, tp))
+            setattr(obj, _attr(name), _coerce(key, value, tp))
 
 
 def set_key(cfg: Config, key: str, value: Any) -> None:
@@ -326,11 +363,11 @@ def set_key(cfg: Config, key: str, value: Any) -> None:
     for i, part in enumerate(parts[:-1]):
         types_ = _field_types(type(obj))
         if part in types_ and typing.get_origin(types_[part]) is dict and i == len(parts) - 2:
-            getattr(obj, part)[parts[-1]] = value  # a free-form mapping, e.g. model.options.control_gate=none
+            getattr(obj, _attr(part))[parts[-1]] = value  # a free-form mapping, e.g. model.options.control_gate=none
             return
         if part not in types_ or not dataclasses.is_dataclass(types_[part]):
             raise _unknown_key(key)
-        obj = getattr(obj, part)
+        obj = getattr(obj, _attr(part))
     _apply_mapping(obj, {parts[-1]: value}, ".".join(parts[:-1]) + "." if len(parts) > 1 else "")
 
 
@@ -388,10 +425,33 @@ def validate(cfg: Config) -> None:
     need(cfg.eval.shapes_per_caption >= 1, "eval.shapes_per_caption", "must be >= 1")
     need(cfg.sample.steps > 0, "sample.steps", f"must be > 0, got {cfg.sample.steps}")
     need(cfg.sample.shift > 0, "sample.shift", f"must be > 0, got {cfg.sample.shift}")
-    need(cfg.diffusion.logit_std > 0, "diffusion.logit_std", "must be > 0")
+    df = cfg.diffusion
+    need(df.logit_std > 0, "diffusion.logit_std", "must be > 0")
+    need(df.num_steps >= 2, "diffusion.num_steps", f"must be >= 2, got {df.num_steps}")
+    need(df.min_snr_gamma > 0, "diffusion.min_snr_gamma", f"must be > 0, got {df.min_snr_gamma}")
+    need(df.resolution_scale == "auto" or df.resolution_scale > 0, "diffusion.resolution_scale",
+         f"must be 'auto' or > 0, got {df.resolution_scale!r}")
+    need(df.base_resolution is None or df.base_resolution > 0, "diffusion.base_resolution", "must be > 0")
+    need(df.resolution_scale != "auto" or df.base_resolution is not None or cfg.init.from_ is not None,
+         "diffusion.resolution_scale", "'auto' needs diffusion.base_resolution or init.from (whose "
+         "data.image_size is the base)")
+    flow_samplers, vp_samplers = ("euler", "heun"), ("ddim", "ancestral")
+    if cfg.sample.sampler == "auto":
+        pass
+    elif df.objective == "ddpm":
+        need(cfg.sample.sampler in vp_samplers, "sample.sampler",
+             f"{cfg.sample.sampler!r} is a flow sampler; diffusion.objective 'ddpm' samples with {vp_samplers}")
+    else:
+        need(cfg.sample.sampler in flow_samplers, "sample.sampler",
+             f"{cfg.sample.sampler!r} is a DDPM sampler; flow objectives sample with {flow_samplers}")
+    need(0 <= cfg.init.min_fraction <= 1, "init.min_fraction", "must lie in [0, 1]")
+    need(cfg.init.class_map is None or cfg.init.source_classes is None, "init.class_map",
+         "give either init.class_map or init.source_classes + init.target_classes, not both")
+    need((cfg.init.source_classes is None) == (cfg.init.target_classes is None), "init.source_classes",
+         "init.source_classes and init.target_classes go together")
     from ldmkit.models import DATA_KEYS, list_models  # late: models import torch, configs should not need to
 
-    own = {f.name for f in dataclasses.fields(ModelConfig)} - {"options", "name", "init_from"}
+    own = {f.name for f in dataclasses.fields(ModelConfig)} - {"options", "name"}
     for k in cfg.model.options:
         need(k not in own, f"model.options.{k}", f"set it as model.{k}, not inside model.options")
         need(k not in (*DATA_KEYS, "arch"), f"model.options.{k}", "comes from the data, not from the config")
@@ -438,7 +498,7 @@ def to_dict(cfg: Any) -> dict[str, Any]:
         if isinstance(v, list):
             return [plain(x) for x in v]
         if isinstance(v, dict):
-            return {k: plain(x) for k, x in v.items()}
+            return {_key(k): plain(x) for k, x in v.items()}
         return v
 
     return plain(dataclasses.asdict(cfg))
@@ -447,6 +507,12 @@ def to_dict(cfg: Any) -> dict[str, Any]:
 def from_dict(data: dict[str, Any]) -> Config:
     """Rebuild a Config from ``to_dict`` output (e.g. the JSON stored in a checkpoint)."""
     cfg = Config()
+    data = dict(data)
+    model = dict(data.get("model", {}))
+    if "init_from" in model:  # runs saved before the init section: model.init_from was a strict init.from
+        source = model.pop("init_from")
+        data["model"] = model
+        data.setdefault("init", {"from": source, "min_fraction": 1.0})
     _apply_mapping(cfg, data, "")
     validate(cfg)
     return cfg

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Literal, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import numpy as np
 import torch
@@ -11,6 +11,7 @@ from PIL import Image
 from torch import Tensor, nn
 
 from ldmkit.conditioning import Conditioning
+from ldmkit.diffusion.ddpm import DDPM
 from ldmkit.diffusion.guidance import guided_velocity
 from ldmkit.diffusion.samplers import sample_ode
 
@@ -50,19 +51,66 @@ def conditions_for(control: dict[str, Tensor], *, class_ids: Optional[Tensor] = 
     return cond, uncond
 
 
+FLOW_SAMPLERS = ("euler", "heun")
+DDPM_SAMPLERS = ("ddim", "ancestral")
+
+
+def ddpm_for(cfg: Any, model: nn.Module) -> Optional[DDPM]:
+    """The DDPM process a run config trains (its schedule, prediction and resolution scale; learned
+    variance from the model), or None for flow objectives."""
+    d = cfg.diffusion
+    if d.objective != "ddpm":
+        return None
+    return DDPM(schedule=d.schedule, num_steps=d.num_steps, prediction=d.prediction,
+                learn_sigma=bool(getattr(model, "learn_sigma", False)), resolution_scale=float(d.resolution_scale))
+
+
+def sample_settings(cfg: Any, model: nn.Module) -> dict[str, Any]:
+    """``generate`` keyword arguments from a run config's ``sample`` and ``diffusion`` sections.
+
+    A flow model trained with noise-schedule scaling s samples on a grid shifted by ``sample.shift · s``
+    (shifts compose by multiplication), so that sampling sees the noise levels training saw.
+    """
+    s, d = cfg.sample, cfg.diffusion
+    scale = 1.0 if d.resolution_scale == "auto" else float(d.resolution_scale)  # trainers store the float
+    return dict(sampler=s.sampler, steps=s.steps, guidance=s.guidance, control_guidance=s.control_guidance,
+                interval=tuple(s.guidance_interval), shift=s.shift * (1.0 if d.objective == "ddpm" else scale),
+                eta=s.ddim_eta, diffusion=ddpm_for(cfg, model))
+
+
+def settings_record(settings: dict[str, Any]) -> dict[str, Any]:
+    """``generate`` keyword arguments as JSON-ready values (the DDPM process by its parameters)."""
+    out: dict[str, Any] = {}
+    for k, v in settings.items():
+        if isinstance(v, DDPM):
+            v = {"schedule": v.schedule, "num_steps": v.num_steps, "prediction": v.prediction,
+                 "learn_sigma": v.learn_sigma, "resolution_scale": v.resolution_scale}
+        out[k] = list(v) if isinstance(v, tuple) else v
+    return out
+
+
 @torch.no_grad()
 def generate(model: nn.Module, cond: Conditioning | Tensor, shape: tuple[int, int, int], *,
-             uncond: Optional[Conditioning] = None, sampler: Literal["euler", "heun"] = "heun", steps: int = 50,
+             uncond: Optional[Conditioning] = None, sampler: str = "auto", steps: int = 50,
              guidance: float = 4.0, control_guidance: float = 1.0, interval: tuple[float, float] = (0.0, 1.0),
              shift: float = 1.0, seed: int = 0, batch_size: int = 256, device: torch.device | str = "cpu",
-             progress: bool = False) -> Tensor:
+             progress: bool = False, diffusion: Optional[DDPM] = None, eta: float = 0.0) -> Tensor:
     """Sample one image per row of ``cond``; returns (N, C, H, W) in the model's space (pixels: [-1, 1]).
 
     ``cond`` is a ``Conditioning`` (or, for a class-conditional model, a tensor of class ids); ``uncond``
     its semantic-null version (required for text: the encoded empty prompt; class ids default to the
     null class). ``guidance`` is w_sem and ``control_guidance`` w_ctrl (``ldmkit.diffusion.guidance``).
-    The starting noise of sample i depends only on (seed, i), not on the batch size or device.
+    Flow models (``diffusion=None``) sample with ``euler`` / ``heun`` on a grid shifted by ``shift``;
+    DDPM models pass their ``DDPM`` process and sample with ``ddim`` (``eta``) or ``ancestral``.
+    ``auto`` picks heun or ddim. The starting noise of sample i depends only on (seed, i), not on the
+    batch size or device.
     """
+    if sampler == "auto":
+        sampler = "heun" if diffusion is None else "ddim"
+    if diffusion is None and sampler not in FLOW_SAMPLERS:
+        raise ValueError(f"sampler {sampler!r} needs a DDPM process (diffusion=...); flow models use {FLOW_SAMPLERS}")
+    if diffusion is not None and sampler not in DDPM_SAMPLERS:
+        raise ValueError(f"sampler {sampler!r} is a flow sampler; DDPM models use {DDPM_SAMPLERS}")
     if isinstance(cond, Tensor):
         cond = Conditioning(class_ids=cond)
     n = cond.batch_size
@@ -77,9 +125,18 @@ def generate(model: nn.Module, cond: Conditioning | Tensor, shape: tuple[int, in
         rows = slice(start, start + batch_size)
         c = cond.index(rows).to(device)
         u = None if uncond is None else uncond.index(rows).to(device)
-        velocity = guided_velocity(model, c, guidance, interval, control_guidance=control_guidance, uncond=u)
-        x = sample_ode(velocity, noise[rows].to(device), steps=steps, method=sampler, shift=shift,
-                       progress=progress)
+        # Guidance combines the prediction channels; a learned variance comes from the conditional branch.
+        fn = guided_velocity(model, c, guidance, interval, control_guidance=control_guidance, uncond=u,
+                             guided_channels=shape[0])
+        x0 = noise[rows].to(device)
+        # Stochastic samplers draw their per-step noise from a generator of (seed, first row).
+        g_rows = torch.Generator(device=x0.device).manual_seed(seed * 1_000_003 + start)
+        if sampler == "ddim":
+            x = diffusion.sample_ddim(fn, x0, steps=steps, eta=eta, progress=progress, generator=g_rows)
+        elif sampler == "ancestral":
+            x = diffusion.sample_ancestral(fn, x0, steps=steps, progress=progress, generator=g_rows)
+        else:
+            x = sample_ode(fn, x0, steps=steps, method=sampler, shift=shift, progress=progress)
         out.append(x.float().cpu())
     model.train(was_training)
     return torch.cat(out)

@@ -16,6 +16,8 @@ import torch
 from torch import Tensor
 
 from ldmkit.conditioning import Conditioning
+from ldmkit.diffusion.samplers import shift_time
+from ldmkit.diffusion.scaling import check_resolution_scale
 
 ModelFn = Callable[[Tensor, Tensor, Conditioning], Tensor]
 
@@ -32,25 +34,34 @@ class FlowMatching:
     Attributes:
         timesteps: ``uniform`` t ~ U(0, 1) or ``logit_normal`` t = sigmoid(N(mean, std)) (SD3).
         logit_mean, logit_std: parameters of the logit-normal distribution.
+        resolution_scale: noise-schedule scaling s (METHOD.md §7, ``scaling.py``): the drawn timesteps
+            are shifted to t_s = s t / (1 + (s - 1) t), which divides the SNR by s²; 1 leaves them as
+            drawn.
     """
 
     timesteps: Literal["uniform", "logit_normal"] = "logit_normal"
     logit_mean: float = 0.0
     logit_std: float = 1.0
+    resolution_scale: float = 1.0
 
     def __post_init__(self) -> None:
         if self.timesteps not in ("uniform", "logit_normal"):
             raise ValueError(
                 f"FlowMatching.timesteps: {self.timesteps!r} is not 'uniform' or 'logit_normal'"
             )
+        self.resolution_scale = check_resolution_scale(self.resolution_scale)
 
     def sample_t(self, n: int, device: torch.device | str = "cpu",
                  generator: torch.Generator | None = None) -> Tensor:
-        """n training timesteps in (0, 1)."""
+        """n training timesteps in (0, 1), shifted by ``resolution_scale`` when it is not 1."""
         if self.timesteps == "uniform":
-            return torch.rand(n, device=device, generator=generator)
-        z = torch.randn(n, device=device, generator=generator)
-        return torch.sigmoid(self.logit_mean + self.logit_std * z)
+            t = torch.rand(n, device=device, generator=generator)
+        else:
+            z = torch.randn(n, device=device, generator=generator)
+            t = torch.sigmoid(self.logit_mean + self.logit_std * z)
+        if self.resolution_scale != 1.0:  # s = 1 keeps the draw bit-identical to before
+            t = shift_time(t, self.resolution_scale)
+        return t
 
     def draw(self, n: int, shape: tuple[int, ...], device: torch.device | str = "cpu",
              generator: torch.Generator | None = None) -> "FlowDraw":

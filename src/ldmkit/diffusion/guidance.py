@@ -34,7 +34,8 @@ def drop_control(cond: Conditioning) -> Conditioning:
 
 def guided_velocity(model: ModelFn, cond: Conditioning, guidance: float = 1.0,
                     interval: tuple[float, float] = (0.0, 1.0), *, control_guidance: float = 1.0,
-                    uncond: Optional[Conditioning] = None, force_three: bool = False) -> VelocityFn:
+                    uncond: Optional[Conditioning] = None, force_three: bool = False,
+                    guided_channels: Optional[int] = None) -> VelocityFn:
     """The guided velocity ``(x, t) -> v``.
 
     Args:
@@ -47,6 +48,8 @@ def guided_velocity(model: ModelFn, cond: Conditioning, guidance: float = 1.0,
             text: the encoded empty prompt); default ``cond.drop_semantic()`` (class ids -> null class).
         force_three: evaluate the three branches even when ``w_ctrl = 1`` (tests use it to show that the
             three-branch formula then equals ordinary guidance).
+        guided_channels: guide only the first C output channels (the prediction) and take the rest (a
+            DDPM learned variance) from the conditional branch; None guides every channel.
     """
     if uncond is None:
         if cond.text is not None:
@@ -68,6 +71,8 @@ def guided_velocity(model: ModelFn, cond: Conditioning, guidance: float = 1.0,
         else:
             cc, cf = out
             guided = cc + guidance * (cf - cc)
+        if guided_channels is not None and guided.shape[1] > guided_channels:
+            guided = torch.cat([guided[:, :guided_channels], cf[:, guided_channels:]], dim=1)
         if (t_lo, t_hi) == (0.0, 1.0):
             return guided
         inside = ((t >= t_lo) & (t <= t_hi)).reshape(-1, *([1] * (x.ndim - 1)))

@@ -174,7 +174,7 @@ def evaluate_disentanglement(model: torch.nn.Module, cfg, *, device: torch.devic
     from ldmkit.autoencoders import build_autoencoder, to_uint8
     from ldmkit.data import build_dataset
     from ldmkit.eval.lpips import perceptual_distance
-    from ldmkit.sampling import conditions_for, default_control, make_grid
+    from ldmkit.sampling import conditions_for, default_control, make_grid, settings_record
 
     dataset = build_dataset(cfg.data, seed=cfg.seed)
     ae = build_autoencoder(cfg.autoencoder.name).to(device)
@@ -205,7 +205,7 @@ def evaluate_disentanglement(model: torch.nn.Module, cfg, *, device: torch.devic
                                    device=device, progress=progress, **sample_kwargs)
     result = pairwise_scores(images, metric, hr_sizes=hr, batch_size=64)
     result.update(metric=metric.name, note=note, hr_sizes=hr, paper_sizes=list(DEFAULT_SIZES), settings={
-        **{k: list(v) if isinstance(v, tuple) else v for k, v in sample_kwargs.items()},
+        **settings_record(sample_kwargs),
         "seed": seed, "num": num, "crop": list(crop), "flip": bool(flip)})
     if cfg.data.name == "shapes":
         from ldmkit.eval.shapes import ShapesEvaluator, to_uint8_images

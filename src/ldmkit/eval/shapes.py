@@ -248,6 +248,8 @@ def evaluate_generation(
     control_guidance: float = 1.0,
     interval: tuple[float, float] = (0.0, 1.0),
     shift: float = 1.0,
+    diffusion: Any = None,
+    eta: float = 0.0,
     seed: int = 0,
     device: torch.device | str = "cpu",
     decode: Callable[[torch.Tensor], torch.Tensor] | None = None,
@@ -276,7 +278,7 @@ def evaluate_generation(
     cond, _ = conditions_for(default_control(len(classes), dataset.image_size, **(control or {})), class_ids=classes)
     x = generate(model, cond, latent_shape, sampler=sampler, steps=steps, guidance=guidance,
                  control_guidance=control_guidance, interval=interval, shift=shift, seed=seed,
-                 batch_size=batch_size, device=device, progress=progress)
+                 batch_size=batch_size, device=device, progress=progress, diffusion=diffusion, eta=eta)
     images = _decode(x, decode, batch_size, device)
 
     wanted = [dataset.colour_shape_of(int(k)) for k in classes]
@@ -326,6 +328,8 @@ def evaluate_captions(
     control_guidance: float = 1.0,
     interval: tuple[float, float] = (0.0, 1.0),
     shift: float = 1.0,
+    diffusion: Any = None,
+    eta: float = 0.0,
     seed: int = 0,
     device: torch.device | str = "cpu",
     decode: Callable[[torch.Tensor], torch.Tensor] | None = None,
@@ -352,7 +356,7 @@ def evaluate_captions(
                                   prompts=prompts, text=text)
     x = generate(model, cond, latent_shape, uncond=uncond, sampler=sampler, steps=steps, guidance=guidance,
                  control_guidance=control_guidance, interval=interval, shift=shift, seed=seed,
-                 batch_size=batch_size, device=device, progress=progress)
+                 batch_size=batch_size, device=device, progress=progress, diffusion=diffusion, eta=eta)
     images = _decode(x, decode, batch_size, device)
     evaluator = ShapesEvaluator(colours=dataset.colours, shapes=dataset.shapes)
     results = evaluator.analyze(images)

@@ -71,7 +71,7 @@ def build_model(name: str, *, in_channels: int, input_size: int, num_classes: in
     if key not in PRESETS:
         raise ValueError(f"Unknown model {name!r}; {_close(key, list(PRESETS))}")
     cfg = dict(PRESETS[key])
-    accepted = _constructor_keys(cfg["arch"])
+    accepted = constructor_keys(cfg["arch"])
     data = dict(in_channels=in_channels, input_size=input_size, num_classes=num_classes,
                 context_dim=context_dim, pooled_dim=pooled_dim)
     for k, v in data.items():
@@ -90,7 +90,7 @@ def build_model(name: str, *, in_channels: int, input_size: int, num_classes: in
     return model_from_config(cfg)
 
 
-def _constructor_keys(arch: str) -> list[str]:
+def constructor_keys(arch: str) -> list[str]:
     if arch not in ARCHITECTURES:
         raise ValueError(f"unknown arch {arch!r}; {_close(str(arch), list(ARCHITECTURES))}")
     return [k for k in inspect.signature(ARCHITECTURES[arch].__init__).parameters if k != "self"]
@@ -105,7 +105,7 @@ def model_from_config(cfg: dict[str, Any]) -> nn.Module:
     if arch not in ARCHITECTURES:
         raise ValueError(f"model_from_config: unknown arch {arch!r}; {_close(str(arch), list(ARCHITECTURES))}")
     cls = ARCHITECTURES[arch]
-    valid = _constructor_keys(arch)
+    valid = constructor_keys(arch)
     unknown = [k for k in cfg if k not in valid]
     if unknown:
         raise ValueError(

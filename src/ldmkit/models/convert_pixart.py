@@ -18,9 +18,9 @@ Calling conventions (what the tests check to 1e-5 in float32)::
   tokens in both.
 - Positional embedding: diffusers fixes ``base_size`` to the model's grid and exposes only
   ``interpolation_scale`` (None -> ``max(sample_size // 64, 1)``); ours has ``pe_interpolation`` and
-  ``pe_base_size``. Positions are ``index * base / grid / interp`` in both, so
-  ``interpolation_scale = pe_interpolation * grid / pe_base_size`` (``from_diffusers`` gives
-  ``pe_base_size=None`` and the resolved scale). Neither side stores the table as a weight that moves:
+  ``pe_base_grid``. Positions are ``index * base / grid / interp`` in both, so
+  ``interpolation_scale = pe_interpolation * grid / pe_base_grid`` (``from_diffusers`` gives
+  ``pe_base_grid=None`` and the resolved scale). Neither side stores the table as a weight that moves:
   ours is a persistent buffer rebuilt from the config, diffusers' a non-persistent one; the conversion
   checks they agree.
 
@@ -91,7 +91,7 @@ def _key_map(depth: int) -> dict[str, list[str]]:
 
 
 def _diffusers_interpolation_scale(model: PixArt) -> float | int:
-    scale = model.pe_interpolation * model.grid_size / model.pe_base_size
+    scale = model.pe_interpolation * model.grid_size / model.pe_base_grid
     return int(scale) if float(scale).is_integer() else float(scale)
 
 
@@ -101,7 +101,7 @@ def _check_pos_embed(ours: Tensor, theirs: Tensor) -> None:
     if ours.shape != theirs.shape or not torch.allclose(ours.float().cpu(), theirs.float().cpu(), atol=1e-5):
         raise RuntimeError(
             "convert_pixart: the positional tables of the two models differ; the interpolation_scale / "
-            "pe_interpolation / pe_base_size conventions are out of sync"
+            "pe_interpolation / pe_base_grid conventions are out of sync"
         )
 
 
@@ -200,7 +200,7 @@ def _config_from_diffusers(config: Any, use_additional_conditions: bool) -> dict
         learn_sigma=c_out == 2 * c_in,
         qk_norm=False,
         pe_interpolation=float(scale),
-        pe_base_size=None,
+        pe_base_grid=None,
     )
 
 

@@ -29,10 +29,10 @@ from ldmkit.models.layers import (
     Mlp,
     PatchEmbed,
     TimestepEmbedder,
-    get_2d_sincos_pos_embed,
     modulate,
     unpatchify,
 )
+from ldmkit.models.positions import check_pe_options, sincos_table
 
 
 #################################################################################
@@ -104,6 +104,8 @@ class DiT(nn.Module):
         learn_sigma: bool = False,
         qk_norm: bool = False,
         time_freq_shift: int = 0,
+        pe_mode: str = "extrapolate",
+        pe_base_grid: Optional[int] = None,
         control_high: Sequence[str] = (),
         control_low: Sequence[str] = (),
         control_gate: str = "cosine",
@@ -114,6 +116,7 @@ class DiT(nn.Module):
             raise ValueError(f"DiT: input_size {input_size} is not divisible by patch_size {patch_size}")
         if num_classes < 0:
             raise ValueError(f"DiT: num_classes must be >= 0 (0 = unconditional), got {num_classes}")
+        check_pe_options("DiT", pe_mode, pe_base_grid)
         self.init_kwargs: dict[str, Any] = dict(
             input_size=int(input_size),
             patch_size=int(patch_size),
@@ -126,6 +129,8 @@ class DiT(nn.Module):
             learn_sigma=bool(learn_sigma),
             qk_norm=bool(qk_norm),
             time_freq_shift=int(time_freq_shift),
+            pe_mode=str(pe_mode),
+            pe_base_grid=None if pe_base_grid is None else int(pe_base_grid),
             **control_init_kwargs(control_high, control_low, control_gate, control_alpha),
         )
         self.input_size = input_size
@@ -136,6 +141,7 @@ class DiT(nn.Module):
         self.num_classes = num_classes
         self.grid_size = input_size // patch_size
         self.num_tokens = self.grid_size**2
+        self.pe_mode, self.pe_base_grid = pe_mode, pe_base_grid
         self.grad_checkpointing = False
 
         self.x_embedder = PatchEmbed(patch_size, in_channels, hidden_size)
@@ -171,7 +177,7 @@ class DiT(nn.Module):
 
         # Fixed sin-cos positional embedding, computed in float64 on the CPU (explicitly, so that a
         # surrounding `with torch.device(...)` does not redirect it), then copied in.
-        pos = get_2d_sincos_pos_embed(self.pos_embed.shape[-1], self.grid_size)  # (N, D) float64
+        pos = sincos_table(self.pos_embed.shape[-1], self.grid_size, self.pe_mode, self.pe_base_grid)  # (N, D)
         with torch.no_grad():
             self.pos_embed.copy_(torch.from_numpy(pos).float().unsqueeze(0))
 

@@ -59,7 +59,7 @@ Differences from the original, all at the interface:
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -75,10 +75,10 @@ from ldmkit.models.layers import (
     Mlp,
     PatchEmbed,
     TimestepEmbedder,
-    get_2d_sincos_pos_embed,
     modulate,
     unpatchify,
 )
+from ldmkit.models.positions import check_pe_options, sincos_table
 
 # Model sizes of sail-sg/MDT (``MDTv2_{S,B,L,XL}_2``). ``decode_layer`` is a training flag there: the
 # README trains MDTv2-S/2 with 6 decoder blocks and MDTv2-XL/2 with 4 (also the script's default, used
@@ -222,6 +222,8 @@ class MDT(nn.Module):
         num_classes: int = 1000,
         learn_sigma: bool = False,
         qk_norm: bool = False,
+        pe_mode: str = "extrapolate",
+        pe_base_grid: Optional[int] = None,
         control_high: Sequence[str] = (),
         control_low: Sequence[str] = (),
         control_gate: str = "cosine",
@@ -232,6 +234,7 @@ class MDT(nn.Module):
             raise ValueError(f"MDT: input_size {input_size} is not divisible by patch_size {patch_size}")
         if num_classes < 0:
             raise ValueError(f"MDT: num_classes must be >= 0 (0 = unconditional), got {num_classes}")
+        check_pe_options("MDT", pe_mode, pe_base_grid)
         if decode_layer < 0 or depth < decode_layer or (depth - decode_layer) % 2:
             raise ValueError(
                 f"MDT: depth - decode_layer must be even and >= 0 (two equal encoder halves), "
@@ -249,6 +252,8 @@ class MDT(nn.Module):
             num_classes=int(num_classes),
             learn_sigma=bool(learn_sigma),
             qk_norm=bool(qk_norm),
+            pe_mode=str(pe_mode),
+            pe_base_grid=None if pe_base_grid is None else int(pe_base_grid),
             **control_init_kwargs(control_high, control_low, control_gate, control_alpha),
         )
         self.input_size = input_size
@@ -262,6 +267,7 @@ class MDT(nn.Module):
         self.num_tokens = self.grid_size**2
         self.decode_layer = decode_layer
         self.half_depth = (depth - decode_layer) // 2
+        self.pe_mode, self.pe_base_grid = pe_mode, pe_base_grid
         self.grad_checkpointing = False
 
         self.x_embedder = PatchEmbed(patch_size, in_channels, hidden_size)
@@ -321,7 +327,8 @@ class MDT(nn.Module):
         self.apply(_basic_init)
 
         # Both positional embeddings start as the 2D sin-cos table (computed on the CPU in float64).
-        pos = torch.from_numpy(get_2d_sincos_pos_embed(self.hidden_size, self.grid_size)).float()  # (N, D)
+        pos = sincos_table(self.hidden_size, self.grid_size, self.pe_mode, self.pe_base_grid)  # (N, D) float64
+        pos = torch.from_numpy(pos).float()
         with torch.no_grad():
             self.pos_embed.copy_(pos.unsqueeze(0))
             self.decoder_pos_embed.copy_(pos.unsqueeze(0))

@@ -108,10 +108,10 @@ from ldmkit.models.layers import (
     Mlp,
     PatchEmbed,
     TimestepEmbedder,
-    get_2d_sincos_pos_embed,
     modulate,
     unpatchify,
 )
+from ldmkit.models.positions import check_pe_options, sincos_table
 
 #################################################################################
 #                                 Embedders                                     #
@@ -297,6 +297,8 @@ class MMDiT(nn.Module):
         pos_embed_max_size: Optional[int] = None,
         learn_sigma: bool = False,
         qk_norm: bool = False,
+        pe_mode: str = "extrapolate",
+        pe_base_grid: Optional[int] = None,
         control_high: Sequence[str] = (),
         control_low: Sequence[str] = (),
         control_gate: str = "cosine",
@@ -314,6 +316,10 @@ class MMDiT(nn.Module):
             raise ValueError(f"{name}: class_tokens must be >= 1, got {class_tokens}")
         if depth < 1:
             raise ValueError(f"{name}: depth must be >= 1, got {depth}")
+        check_pe_options(name, pe_mode, pe_base_grid)
+        if pe_mode == "interpolate" and pos_embed_max_size is not None:
+            raise ValueError(f"{name}: pe_mode='interpolate' needs pos_embed_max_size=None (a table of exactly "
+                             "the token grid); use 'resample' with a max-size table")
         grid = input_size // patch_size
         if pos_embed_max_size is not None and pos_embed_max_size < grid:
             raise ValueError(
@@ -337,6 +343,8 @@ class MMDiT(nn.Module):
             pos_embed_max_size=None if pos_embed_max_size is None else int(pos_embed_max_size),
             learn_sigma=bool(learn_sigma),
             qk_norm=bool(qk_norm),
+            pe_mode=str(pe_mode),
+            pe_base_grid=None if pe_base_grid is None else int(pe_base_grid),
             **control_init_kwargs(control_high, control_low, control_gate, control_alpha),
         )
         self.input_size = input_size
@@ -352,6 +360,7 @@ class MMDiT(nn.Module):
         self.grid_size = grid
         self.num_tokens = grid**2
         self.pos_embed_max_size = pos_embed_max_size
+        self.pe_mode, self.pe_base_grid = pe_mode, pe_base_grid
         self.grad_checkpointing = False
 
         self.x_embedder = PatchEmbed(patch_size, in_channels, hidden_size)
@@ -403,7 +412,12 @@ class MMDiT(nn.Module):
         self.apply(_basic_init)
 
         # Fixed sin-cos table, computed in float64 on the CPU whatever the default device, then copied.
-        pos = get_2d_sincos_pos_embed(self.hidden_size, self.pos_embed_side)  # (side*side, D) float64
+        # A max-size table is rescaled about the trained crop (``positions.sincos_table``).
+        side, base = self.pos_embed_side, self.pe_base_grid
+        cropped = self.pos_embed_max_size is not None
+        pos = sincos_table(self.hidden_size, side, self.pe_mode, base, trained_grid=self.grid_size,
+                           origin=(side - self.grid_size) // 2 if cropped else 0,
+                           base_origin=(side - base) // 2 if cropped and base else 0)  # (side*side, D)
         with torch.no_grad():
             self.pos_embed.copy_(torch.from_numpy(pos).float().unsqueeze(0))
 
@@ -557,6 +571,8 @@ class MMDiTImproved(MMDiT):
         pos_embed_max_size: Optional[int] = None,
         learn_sigma: bool = False,
         qk_norm: bool = False,
+        pe_mode: str = "extrapolate",
+        pe_base_grid: Optional[int] = None,
         control_high: Sequence[str] = DEFAULT_HIGH,
         control_low: Sequence[str] = DEFAULT_LOW,
         control_gate: str = "cosine",
@@ -579,6 +595,8 @@ class MMDiTImproved(MMDiT):
             pos_embed_max_size=pos_embed_max_size,
             learn_sigma=learn_sigma,
             qk_norm=qk_norm,
+            pe_mode=pe_mode,
+            pe_base_grid=pe_base_grid,
             control_high=control_high,
             control_low=control_low,
             control_gate=control_gate,

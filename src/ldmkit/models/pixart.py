@@ -11,7 +11,7 @@ Structure
   original). Positions follow PixArt's ``pe_interpolation`` ("lewei scale") convention:
   ``pos = index / (grid / base_size) / pe_interpolation`` with ``base_size = grid`` by default, so the
   trained grid sees integer positions divided by ``pe_interpolation`` (1 at 256/512 px, 2 at 1024 px in
-  PixArt-α). Setting ``pe_base_size`` to the pre-training grid gives METHOD.md §7's "resample" transfer.
+  PixArt-α). Setting ``pe_base_grid`` to the pre-training grid gives METHOD.md §7's "resample" transfer.
 - **adaLN-single**: one timestep MLP ``t_embedder`` (DiT's) and one global ``t_block = SiLU -> Linear(D, 6D)``;
   each block adds its own learnable ``scale_shift_table (6, D)`` (init ``randn / sqrt(D)``) to the shared
   ``t_block`` output to get (shift, scale, gate) for attention and MLP.
@@ -70,9 +70,9 @@ from ldmkit.models.layers import (
     Mlp,
     PatchEmbed,
     TimestepEmbedder,
-    get_2d_sincos_pos_embed,
     unpatchify,
 )
+from ldmkit.models.positions import check_pe_options, sincos_table
 
 
 #################################################################################
@@ -164,7 +164,7 @@ class PixArt(nn.Module):
         num_class_tokens: context tokens per class (class-conditional only).
         learn_sigma: output 2C channels (mean and variance, DDPM) instead of C.
         pe_interpolation: PixArt's ``pe_interpolation`` / ``lewei_scale`` (diffusers' ``interpolation_scale``).
-        pe_base_size: grid the positions are expressed on (None: this model's grid, as the original).
+        pe_base_grid: grid the positions are expressed on (None: this model's grid, as the original).
     """
 
     arch: str = "pixart"
@@ -185,7 +185,8 @@ class PixArt(nn.Module):
         learn_sigma: bool = False,
         qk_norm: bool = False,
         pe_interpolation: float = 1.0,
-        pe_base_size: Optional[int] = None,
+        pe_base_grid: Optional[int] = None,
+        pe_mode: str = "resample",
         control_high: Sequence[str] = (),
         control_low: Sequence[str] = (),
         control_gate: str = "cosine",
@@ -206,10 +207,12 @@ class PixArt(nn.Module):
             )
         if num_class_tokens < 1:
             raise ValueError(f"PixArt: num_class_tokens must be >= 1, got {num_class_tokens}")
-        if pe_interpolation <= 0 or (pe_base_size is not None and pe_base_size <= 0):
+        if pe_interpolation <= 0 or (pe_base_grid is not None and pe_base_grid <= 0):
             raise ValueError(
-                f"PixArt: pe_interpolation and pe_base_size must be > 0, got {pe_interpolation}, {pe_base_size}"
+                f"PixArt: pe_interpolation and pe_base_grid must be > 0, got {pe_interpolation}, {pe_base_grid}"
             )
+        # PixArt's own convention is resample with the base grid defaulting to the model's grid.
+        check_pe_options("PixArt", pe_mode, input_size // patch_size if pe_base_grid is None else pe_base_grid)
         self.init_kwargs: dict[str, Any] = dict(
             input_size=int(input_size),
             patch_size=int(patch_size),
@@ -225,7 +228,8 @@ class PixArt(nn.Module):
             learn_sigma=bool(learn_sigma),
             qk_norm=bool(qk_norm),
             pe_interpolation=float(pe_interpolation),
-            pe_base_size=None if pe_base_size is None else int(pe_base_size),
+            pe_base_grid=None if pe_base_grid is None else int(pe_base_grid),
+            pe_mode=str(pe_mode),
             **control_init_kwargs(control_high, control_low, control_gate, control_alpha),
         )
         self.input_size = input_size
@@ -241,7 +245,8 @@ class PixArt(nn.Module):
         self.grid_size = input_size // patch_size
         self.num_tokens = self.grid_size**2
         self.pe_interpolation = float(pe_interpolation)
-        self.pe_base_size = self.grid_size if pe_base_size is None else int(pe_base_size)
+        self.pe_base_grid = self.grid_size if pe_base_grid is None else int(pe_base_grid)
+        self.pe_mode = pe_mode
         self.grad_checkpointing = False
 
         self.x_embedder = PatchEmbed(patch_size, in_channels, hidden_size)
@@ -288,9 +293,7 @@ class PixArt(nn.Module):
         self.apply(_basic_init)
 
         # Fixed sin-cos positional table, float64 on the CPU (regardless of a surrounding device context).
-        pos = get_2d_sincos_pos_embed(
-            D, self.grid_size, base_size=self.pe_base_size, interpolation_scale=self.pe_interpolation
-        )  # (N, D) float64
+        pos = sincos_table(D, self.grid_size, self.pe_mode, self.pe_base_grid, scale=self.pe_interpolation)  # (N, D)
         with torch.no_grad():
             self.pos_embed.copy_(torch.from_numpy(pos).float().unsqueeze(0))
 

@@ -176,37 +176,5 @@ def load_weights(path: str | Path, device: torch.device | str = "cpu") -> nn.Mod
     return model.to(device).eval()
 
 
-def load_initial_weights(model: nn.Module, source: str | Path) -> Path:
-    """Copy the weights of ``source`` (a weights directory, or a checkpoint / run directory: its EMA
-    weights) into ``model``, which must have exactly the same tensor names and shapes; returns the file
-    read. Errors name ``model.init_from`` and the first mismatching tensors."""
-    path = Path(source)
-    if is_weights_dir(path) and not is_checkpoint(path):
-        file = path / "model.safetensors"
-    else:
-        try:
-            file = resolve_checkpoint(path) / "ema.safetensors"
-        except FileNotFoundError as e:
-            raise FileNotFoundError(f"model.init_from: {e}; a weights directory (model.json + "
-                                    "model.safetensors, e.g. from `ldmkit convert`) also works") from None
-    weights = load_file(str(file))
-    own = model.state_dict()
-    missing = sorted(set(own) - set(weights))
-    unexpected = sorted(set(weights) - set(own))
-    shapes = [f"{k}: {tuple(weights[k].shape)} in the file, {tuple(own[k].shape)} in the model"
-              for k in own if k in weights and weights[k].shape != own[k].shape]
-    if missing or unexpected or shapes:
-        parts = []
-        for what, items in (("missing from the file", missing), ("not in the model", unexpected),
-                            ("shape mismatch", shapes)):
-            if items:
-                more = f" (+{len(items) - 5} more)" if len(items) > 5 else ""
-                parts.append(f"{what}: {items[:5]}{more}")
-        raise ValueError(f"model.init_from={str(source)!r} ({file}) does not fit the configured "
-                         f"{model.arch} model; " + "; ".join(parts))
-    model.load_state_dict(weights, strict=True)
-    return file
-
-
 def load_train_state(checkpoint: Path) -> dict[str, Any]:
     return torch.load(checkpoint / "train_state.pt", map_location="cpu", weights_only=True)

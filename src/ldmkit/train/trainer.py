@@ -36,15 +36,19 @@ from ldmkit.config import Config, ConfigError, dump_yaml, to_dict
 from ldmkit.data import build_dataset
 from ldmkit.data.batch import Batch, collate
 from ldmkit.data.stream import StreamDataset, StreamSampler
+from ldmkit.diffusion.ddpm import DDPM
 from ldmkit.diffusion.flow import FlowMatching
+from ldmkit.diffusion.scaling import resolution_scale_for
 from ldmkit.models import build_model, model_from_config
-from ldmkit.sampling import conditions_for, default_control, generate, make_grid
+from ldmkit.sampling import conditions_for, default_control, generate, make_grid, sample_settings
 from ldmkit.text import build_text_conditioner
 from ldmkit.train import distributed as D
-from ldmkit.train.checkpoint import (list_checkpoints, load_initial_weights, load_train_state, model_config,
+from ldmkit.train.checkpoint import (list_checkpoints, load_train_state, model_config,
                                      resolve_checkpoint, save_checkpoint)
 from ldmkit.train.ema import EMA
 from ldmkit.train.metrics import read_metrics
+from ldmkit.train.transfer import (class_map_for, read_source, read_source_config, transfer_init,
+                                   transfer_options)
 from ldmkit.train.telemetry import (Telemetry, forward_flops_per_image, peak_memory_gib,
                                     peak_tflops, reset_peak_memory)
 
@@ -134,8 +138,32 @@ def lr_at(step: int, cfg: Config) -> float:
     return t.lr
 
 
-def build_objective(cfg: Config, model: torch.nn.Module) -> FlowMatching:
+def resolution_scale(cfg: Config) -> float:
+    """s of METHOD.md §7's noise-schedule scaling: ``diffusion.resolution_scale``, or for "auto"
+    data.image_size over the base resolution (``diffusion.base_resolution``, else the init.from run's)."""
     d = cfg.diffusion
+    if d.resolution_scale != "auto":
+        return float(d.resolution_scale)
+    base = d.base_resolution
+    if base is None and cfg.init.from_:
+        run_config = read_source_config(cfg.init.from_)
+        base = None if run_config is None else run_config["data"]["image_size"]
+    if base is None:
+        raise ConfigError("config key 'diffusion.resolution_scale': 'auto' needs diffusion.base_resolution "
+                          "(init.from is a weights directory without a run config)")
+    return resolution_scale_for(base, cfg.data.image_size)
+
+
+def build_objective(cfg: Config, model: torch.nn.Module, scale: float = 1.0):
+    """The training objective of ``diffusion.objective`` with resolution scale ``scale``."""
+    d = cfg.diffusion
+    if d.objective == "ddpm":
+        return DDPM(schedule=d.schedule, num_steps=d.num_steps, prediction=d.prediction,
+                    learn_sigma=bool(getattr(model, "learn_sigma", False)), loss_weighting=d.loss_weighting,
+                    min_snr_gamma=d.min_snr_gamma, resolution_scale=scale)
+    if getattr(model, "learn_sigma", False):
+        raise ConfigError("config key 'model.learn_sigma': a learned variance needs diffusion.objective=ddpm "
+                          f"(flow matching predicts a velocity only), got {d.objective!r}")
     if d.objective == "flow_masked":
         from ldmkit.diffusion.masking import MaskedFlowMatching
 
@@ -143,8 +171,9 @@ def build_objective(cfg: Config, model: torch.nn.Module) -> FlowMatching:
             raise ConfigError(f"config key 'diffusion.objective': 'flow_masked' needs a model that takes a "
                               f"token mask (MDT); {cfg.model.name!r} does not")
         return MaskedFlowMatching(d.timesteps, d.logit_mean, d.logit_std, patch_size=model.patch_size,
-                                  mask_ratio_min=d.mask_ratio[0], mask_ratio_max=d.mask_ratio[1])
-    return FlowMatching(d.timesteps, d.logit_mean, d.logit_std)
+                                  mask_ratio_min=d.mask_ratio[0], mask_ratio_max=d.mask_ratio[1],
+                                  resolution_scale=scale)
+    return FlowMatching(d.timesteps, d.logit_mean, d.logit_std, resolution_scale=scale)
 
 
 def step_seed(seed: int, step: int) -> int:
@@ -202,6 +231,8 @@ class Trainer:
         if t.wandb and "wandb" not in sys.modules and importlib.util.find_spec("wandb") is None:
             raise ConfigError("config key 'train.wandb': true needs the wandb package (pip install wandb)")
 
+        if cfg.diffusion.resolution_scale == "auto":  # resolved once; the run's config stores the number
+            self.cfg = cfg = replace(cfg, diffusion=replace(cfg.diffusion, resolution_scale=resolution_scale(cfg)))
         self.run_dir, resume_from = self._setup_run_dir(resume)
         self._threads_before = torch.get_num_threads()  # restored when fit() ends
         if t.threads > 0:
@@ -217,6 +248,11 @@ class Trainer:
         self.latent_shape = (self.autoencoder.channels, size, size)
         self.text = build_text_conditioner(cfg.cond.text, self.device) if cfg.cond.semantic == "text" else None
         m = cfg.model
+        # Transfer initialisation (not on resume: a resume restores its own weights).
+        self.init_source = read_source(cfg.init.from_) if cfg.init.from_ and resume_from is None else None
+        options = dict(m.options)
+        if self.init_source is not None:
+            options = transfer_options(self.init_source, m.name, options, cfg.init.pe)
         self.model = build_model(
             m.name, in_channels=self.latent_shape[0], input_size=size,
             num_classes=self.dataset.num_classes if self.text is None else 0,
@@ -224,12 +260,15 @@ class Trainer:
             pooled_dim=0 if self.text is None else self.text.pooled_width,
             depth=m.depth, hidden_size=m.hidden_size,
             num_heads=m.num_heads, patch_size=m.patch_size, mlp_ratio=m.mlp_ratio,
-            learn_sigma=m.learn_sigma, qk_norm=m.qk_norm, **m.options,
+            learn_sigma=m.learn_sigma, qk_norm=m.qk_norm, **options,
         ).to(self.device)
-        if m.init_from and resume_from is None:  # fine-tuning; a resume restores its own weights
-            source = load_initial_weights(self.model, m.init_from)
+        if self.init_source is not None:
+            report = transfer_init(self.model, self.init_source, pe_mode=cfg.init.pe,
+                                   class_map=class_map_for(cfg.init), allow_partial=cfg.init.allow_partial,
+                                   min_fraction=cfg.init.min_fraction)
             if self.main:
-                print(f"Initial weights: {source}")
+                print(report.summary())
+                report.save(self.run_dir / "init_report.json")
         self.model_json = model_config(self.model)
         self.n_params = sum(p.numel() for p in self.model.parameters())
 
@@ -253,7 +292,7 @@ class Trainer:
             **_optimizer_flags(t.optimizer_impl, self.device, sharding),
         )
         self.scaler = torch.amp.GradScaler(self.device.type) if t.precision == "fp16" else None
-        self.objective = build_objective(cfg, self.model)
+        self.objective = build_objective(cfg, self.model, resolution_scale(cfg))
         self.step = 0
         self._resume_rng = None
         self.data_position = 0  # global samples consumed
@@ -483,9 +522,7 @@ class Trainer:
         return self._eval_model
 
     def _sample_kwargs(self) -> dict[str, Any]:
-        s = self.cfg.sample
-        return dict(sampler=s.sampler, steps=s.steps, guidance=s.guidance, control_guidance=s.control_guidance,
-                    interval=tuple(s.guidance_interval), shift=s.shift)
+        return sample_settings(self.cfg, self.model)
 
     def _control(self, n: int) -> dict[str, torch.Tensor]:
         s = self.cfg.sample
