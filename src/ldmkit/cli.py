@@ -216,6 +216,149 @@ def cmd_eval_disentangle(args: argparse.Namespace) -> int:
     return 0
 
 
+def _captions(args: argparse.Namespace, cfg, dataset) -> list[str] | None:
+    """The caption set of a text model: --captions FILE (one per line), else the shapes captions."""
+    if cfg.cond.semantic != "text":
+        return None
+    if args.captions:
+        path = Path(args.captions)
+        if not path.is_file():
+            raise ConfigError(f"--captions: {str(path)!r} does not exist")
+        lines = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+        if not lines:
+            raise ConfigError(f"--captions: {str(path)!r} holds no caption")
+        return lines
+    if cfg.data.name == "shapes":
+        from ldmkit.eval.shapes import all_captions
+
+        return [c for c, *_ in all_captions(dataset)]
+    raise ConfigError("--captions FILE is needed for a text model (one caption per line)")
+
+
+def cmd_eval_fid(args: argparse.Namespace) -> int:
+    from dataclasses import asdict
+
+    from ldmkit.autoencoders import build_autoencoder
+    from ldmkit.data import build_dataset
+    from ldmkit.eval.inception import InceptionFeatures, resolve_inception_weights
+    from ldmkit.eval.protocol import (Protocol, condition_maker, generate_eval_set, merge_parts, score_samples,
+                                      write_result)
+    from ldmkit.sampling import settings_record
+    from ldmkit.train import distributed as D
+
+    if args.num_samples < 2:
+        raise ConfigError(f"--num-samples must be >= 2, got {args.num_samples}")
+    if not Path(args.ref).is_file():
+        raise ConfigError(f"--ref: reference statistics {args.ref!r} do not exist (make them with `ldmkit eval "
+                          "stats`, or download an ADM reference batch, see docs/evaluation.md)")
+    weights = resolve_inception_weights(args.inception)  # fail before hours of sampling, not after
+    dist = D.init_distributed(args.device)
+    args.device = str(dist.device)
+    try:
+        ckpt, model, cfg, device = _load_for_sampling(args)
+        dataset = build_dataset(cfg.data, seed=cfg.seed)
+        ae = build_autoencoder(cfg.autoencoder.name).to(device)
+        text = _text_conditioner(cfg, device)
+        settings = _sample_settings(args, cfg, model)
+        make_cond, conditioning = condition_maker(model, cfg.data.image_size, args.num_samples, text=text,
+                                                  captions=_captions(args, cfg, dataset),
+                                                  control=_control_settings(args, cfg))
+        record = settings_record(settings)
+        protocol = Protocol(
+            num_samples=args.num_samples, seed=args.seed, sampler=record["sampler"], steps=record["steps"],
+            guidance=record["guidance"], control_guidance=record["control_guidance"], interval=record["interval"],
+            shift=record["shift"], eta=record["eta"], diffusion=record["diffusion"], ema=not args.no_ema,
+            conditioning=conditioning, image_size=cfg.data.image_size, chunk=args.chunk,
+            reference=str(Path(args.ref).resolve()), inception=str(weights),
+            extra={"control": {k: (list(v) if isinstance(v, tuple) else v)
+                               for k, v in _control_settings(args, cfg).items()}})
+        out = Path(args.out) if args.out else ckpt / f"eval_fid_{args.num_samples}"
+        saved = out / "protocol.json"
+        if dist.is_main:
+            out.mkdir(parents=True, exist_ok=True)
+            if saved.is_file():  # resuming: the chunks on disk must come from the same protocol
+                old = json.loads(saved.read_text())
+                diff = sorted(k for k in asdict(protocol) if old.get(k) != asdict(protocol)[k] and k != "inception")
+                if diff:
+                    raise ConfigError(f"{str(out)!r} holds an evaluation with a different {', '.join(diff)}; "
+                                      "use another --out")
+            else:
+                saved.write_text(json.dumps(asdict(protocol), indent=2))
+        D.barrier(dist)
+        paths = generate_eval_set(model, out, args.num_samples, cfg.data.image_size,
+                                  (ae.channels, cfg.data.image_size // ae.downsample,
+                                   cfg.data.image_size // ae.downsample), settings,
+                                  make_cond=make_cond, decode=ae.decode, seed=args.seed, chunk=args.chunk,
+                                  batch_size=args.batch_size, device=device, rank=dist.rank,
+                                  world_size=dist.world_size)
+        D.barrier(dist)
+        if not dist.is_main:
+            return 0
+        samples = merge_parts(paths, out / "samples.npz")
+        inception = InceptionFeatures(weights=weights, device=device, batch_size=args.inception_batch)
+        metrics = score_samples(samples, args.ref, inception, with_pr=not args.no_pr, with_is=args.inception_score,
+                                cache_dir=out)
+        protocol.reference_count = metrics.pop("reference_count")
+        result = write_result(out, metrics, protocol, str(ckpt))
+        shown = ", ".join(f"{k} {v:.4g}" for k, v in metrics.items() if isinstance(v, float))
+        print(f"{shown} ({metrics['num_samples']} samples; {protocol.sampler} {protocol.steps} steps, guidance "
+              f"{protocol.guidance}; reference {args.ref})")
+        print(f"Wrote {samples} (ADM layout: arr_0 images, arr_1 labels) and {result}")
+        return 0
+    finally:
+        D.shutdown()
+
+
+def cmd_eval_stats(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from ldmkit.eval.fid import NpzImageBatches, stats_from_features, stats_from_folder
+    from ldmkit.eval.inception import InceptionFeatures
+    from ldmkit.train.trainer import pick_device
+
+    device = pick_device(args.device)
+    source = Path(args.source)
+    out = Path(args.out)
+    if out.exists() and not args.overwrite:
+        raise ConfigError(f"--out {str(out)!r} exists; choose another path or pass --overwrite")
+    inception = InceptionFeatures(weights=args.inception, device=device, batch_size=args.batch_size)
+    extra: dict = {}
+    if source.is_dir():
+        stats, report = stats_from_folder(source, features_fn=inception.extract)
+        print(f"{report.num_used} images used, {report.num_skipped} skipped of {report.num_files} in {source}")
+        for path, reason in report.skipped[:20]:
+            print(f"  skipped {path}: {reason}")
+        feats = None
+    elif source.suffix == ".npz" and source.is_file():
+        feats = inception.extract(NpzImageBatches(source, "arr_0", 500))
+    elif source.suffix in (".yaml", ".yml") and source.is_file():
+        import torch
+
+        from ldmkit.autoencoders import to_uint8
+        from ldmkit.data import build_dataset
+
+        cfg = load_config(source, args.overrides)
+        dataset = build_dataset(cfg.data, seed=cfg.seed)
+        n = min(args.num, len(dataset))  # the first n samples, epoch 0's augmentation
+        images = np.concatenate([to_uint8(torch.stack([dataset.get(i, 0)["image"] for i in range(j, min(n, j + 500))]))
+                                 .numpy() for j in range(0, n, 500)])
+        feats = inception.extract(images)
+        extra["arr_0"] = images  # an ADM-style reference batch: images for precision/recall too
+    else:
+        raise ConfigError(f"eval stats: {str(source)!r} is not an image folder, an .npz with arr_0 or a YAML recipe")
+    if feats is not None:
+        stats = stats_from_features(feats)
+        extra["features"] = feats.astype(np.float32)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    with open(tmp, "wb") as f:
+        np.savez(f, mu=stats.mu, sigma=stats.sigma, n=np.int64(stats.n or 0), **extra)
+    tmp.replace(out)
+    print(f"Wrote {out}: mu, sigma of {stats.n} images" + (" (+ features" + (", images" if "arr_0" in extra else "")
+                                                           + ")" if extra else ""))
+    return 0
+
+
 def cmd_ablate(args: argparse.Namespace) -> int:
     from ldmkit.ablate import run_ablation
 
@@ -354,6 +497,38 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--lpips-lin", help="LPIPS v0.1 alex.pth linear weights (default: env/torch hub cache/lpips)")
     e.add_argument("--out", help="JSON path (default: CHECKPOINT/eval_disentangle.json; the figure next to it)")
     e.set_defaults(func=cmd_eval_disentangle)
+
+    e = esub.add_parser("fid", help="FID, precision/recall (and IS) of generated samples against reference statistics",
+                        description="Generate --num-samples images (class-balanced, or cycling through a caption "
+                                    "set) in resumable chunks, across ranks under torchrun, save them as an ADM-style "
+                                    ".npz and score them against --ref with the FID Inception-v3. The metrics and the "
+                                    "full protocol go to OUT/metrics.json (docs/evaluation.md).")
+    _add_sampling_args(e)
+    e.add_argument("--num-samples", type=int, default=50_000)
+    e.add_argument("--ref", required=True, help="reference .npz: mu/sigma (ADM reference batch or `eval stats`), "
+                                                "images arr_0 and/or features for precision/recall")
+    e.add_argument("--out", help="output directory (default: CHECKPOINT/eval_fid_<N>); an existing one resumes")
+    e.add_argument("--captions", help="text models: caption set, one per line (default on shapes: its captions)")
+    e.add_argument("--chunk", type=int, default=1000, help="images per resumable chunk (part of the protocol)")
+    e.add_argument("--batch-size", type=int, default=250, help="sampling batch size")
+    e.add_argument("--inception", help="FID Inception weights (default: $LDMKIT_INCEPTION_WEIGHTS or the torch "
+                                       "hub cache)")
+    e.add_argument("--inception-batch", type=int, default=200)
+    e.add_argument("--no-pr", action="store_true", help="skip precision/recall")
+    e.add_argument("--inception-score", action="store_true", help="also the Inception Score")
+    e.set_defaults(func=cmd_eval_fid)
+
+    e = esub.add_parser("stats", help="reference statistics (mu, sigma; features) of an image folder, an .npz or a "
+                                      "dataset recipe")
+    e.add_argument("source", help="image folder, .npz with arr_0 images, or a YAML recipe (its dataset)")
+    e.add_argument("overrides", nargs="*", help="recipe overrides, e.g. data.image_size=32")
+    e.add_argument("--out", required=True, help="output .npz (ADM keys mu, sigma; plus features, and arr_0 for a recipe)")
+    e.add_argument("--num", type=int, default=50_000, help="recipe sources: images to draw from the dataset")
+    e.add_argument("--inception", help="FID Inception weights (default: $LDMKIT_INCEPTION_WEIGHTS or the torch hub cache)")
+    e.add_argument("--batch-size", type=int, default=200)
+    e.add_argument("--device", default="auto")
+    e.add_argument("--overwrite", action="store_true")
+    e.set_defaults(func=cmd_eval_stats)
 
     p = sub.add_parser("ablate", help="train and evaluate the variants of an ablation file; table and figure",
                        description="Run configs/ablations/FILE.yaml: train every variant, evaluate each the same "

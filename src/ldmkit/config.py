@@ -197,6 +197,12 @@ class EvalConfig:
     shapes_at_end: bool = True
     shapes_per_class: int = 16
     shapes_per_caption: int = 2  # text models: samples per caption (shapes has 162 captions)
+    # FID during training (docs/evaluation.md): EMA samples, class-balanced or cycling through captions.
+    fid_every: int = 0  # every N steps and at the end (0: never)
+    fid_num_samples: int = 5000
+    fid_ref: Optional[str] = None  # reference .npz (mu, sigma), e.g. from `ldmkit eval stats`
+    fid_captions: Optional[str] = None  # text models: caption file, one per line (default on shapes: its captions)
+    inception_weights: Optional[str] = None  # pt_inception-2015-12-05-6726825d.pth (default: env / torch hub cache)
 
 
 @dataclass
@@ -423,6 +429,10 @@ def validate(cfg: Config) -> None:
          f"must be positive (h, w), got {cfg.sample.orig_size}")
     need(min(cfg.sample.crop) >= 0, "sample.crop", f"must be (top, left) >= 0, got {cfg.sample.crop}")
     need(cfg.eval.shapes_per_caption >= 1, "eval.shapes_per_caption", "must be >= 1")
+    need(cfg.eval.fid_every >= 0, "eval.fid_every", f"must be >= 0, got {cfg.eval.fid_every}")
+    need(cfg.eval.fid_num_samples >= 2, "eval.fid_num_samples", f"must be >= 2, got {cfg.eval.fid_num_samples}")
+    need(cfg.eval.fid_every == 0 or cfg.eval.fid_ref is not None, "eval.fid_ref",
+         "eval.fid_every > 0 needs reference statistics (make them with `ldmkit eval stats`)")
     need(cfg.sample.steps > 0, "sample.steps", f"must be > 0, got {cfg.sample.steps}")
     need(cfg.sample.shift > 0, "sample.shift", f"must be > 0, got {cfg.sample.shift}")
     df = cfg.diffusion

@@ -51,11 +51,17 @@ def plot_metrics(run_dir: str | Path, out: str | Path | None = None) -> Path:
     ax.legend(fontsize=8)
     ax.set_title("utilisation")
     ax = axes[1, 1]
-    for key in sorted({k for r in evals for k in r if k.startswith("eval/")}):
+    accuracies = sorted({k for r in evals for k in r if k.startswith("eval/") and k != "eval/fid"})
+    for key in accuracies:
         ax.plot(*series(evals, key), marker="o", label=key.replace("eval/", ""))
-    if evals:
-        ax.legend(fontsize=8)
+    if accuracies:
+        ax.legend(fontsize=8, loc="lower left")
         ax.set_ylim(0, 1.02)
+    if any(r.get("eval/fid") is not None for r in evals):  # FID on its own axis (lower is better)
+        fid_ax = ax.twinx() if accuracies else ax
+        fid_ax.plot(*series(evals, "eval/fid"), marker="s", color="black", label="FID")
+        fid_ax.set_ylabel("FID")
+        fid_ax.legend(fontsize=8, loc="upper right")
     ax.set_title("evaluation")
     for ax in axes.flat:
         ax.set_xlabel("step")

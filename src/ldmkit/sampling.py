@@ -73,7 +73,8 @@ def sample_settings(cfg: Any, model: nn.Module) -> dict[str, Any]:
     """
     s, d = cfg.sample, cfg.diffusion
     scale = 1.0 if d.resolution_scale == "auto" else float(d.resolution_scale)  # trainers store the float
-    return dict(sampler=s.sampler, steps=s.steps, guidance=s.guidance, control_guidance=s.control_guidance,
+    sampler = s.sampler if s.sampler != "auto" else ("ddim" if d.objective == "ddpm" else "heun")
+    return dict(sampler=sampler, steps=s.steps, guidance=s.guidance, control_guidance=s.control_guidance,
                 interval=tuple(s.guidance_interval), shift=s.shift * (1.0 if d.objective == "ddpm" else scale),
                 eta=s.ddim_eta, diffusion=ddpm_for(cfg, model))
 

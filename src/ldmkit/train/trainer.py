@@ -304,6 +304,13 @@ class Trainer:
                                     t.wandb_mode) if self.main else None)
         self._stop_signal: int | None = None
         self._eval_model = None
+        self._fid = None  # (InceptionFeatures, reference stats, make_cond), built at the first FID evaluation
+        if cfg.eval.fid_every > 0:  # fail now, not at the first evaluation hours later
+            from ldmkit.eval.inception import resolve_inception_weights
+
+            if not Path(cfg.eval.fid_ref).is_file():
+                raise ConfigError(f"config key 'eval.fid_ref': {cfg.eval.fid_ref!r} does not exist")
+            resolve_inception_weights(cfg.eval.inception_weights)
 
     def _fresh_model(self) -> torch.nn.Module:
         """A new, unwrapped instance of the trained architecture, on the training device."""
@@ -589,6 +596,37 @@ class Trainer:
         D.barrier(self.dist)
         return result
 
+    def evaluate_fid(self) -> float | None:
+        """FID of ``eval.fid_num_samples`` EMA samples against ``eval.fid_ref`` (rank 0; others wait)."""
+        model = self._ema_eval_model()
+        fid = None
+        if model is not None:
+            from ldmkit.eval.fid import load_reference
+            from ldmkit.eval.inception import InceptionFeatures
+            from ldmkit.eval.protocol import condition_maker, fid_of_model
+
+            e, s = self.cfg.eval, self.cfg.sample
+            if self._fid is None:
+                inception = InceptionFeatures(weights=e.inception_weights, device=self.device, progress=False)
+                captions = None
+                if self.text is not None:
+                    if e.fid_captions:
+                        captions = [c.strip() for c in Path(e.fid_captions).read_text().splitlines() if c.strip()]
+                    else:
+                        from ldmkit.eval.shapes import all_captions
+
+                        captions = [c for c, *_ in all_captions(self.dataset)]
+                make_cond, _ = condition_maker(model, self.cfg.data.image_size, e.fid_num_samples, text=self.text,
+                                               captions=captions,
+                                               control=dict(orig_size=s.orig_size, crop=s.crop, flip=s.flip))
+                self._fid = (inception, load_reference(e.fid_ref, features_fn=inception.extract), make_cond)
+            inception, reference, make_cond = self._fid
+            fid = fid_of_model(model, reference, inception, e.fid_num_samples, make_cond=make_cond,
+                               latent_shape=self.latent_shape, decode=self.autoencoder.decode,
+                               settings=self._sample_kwargs(), seed=self.cfg.seed + 13, device=self.device)
+        D.barrier(self.dist)
+        return fid
+
     # ----------------------------------------------------------------------------------------------
     # The loop
     # ----------------------------------------------------------------------------------------------
@@ -675,6 +713,10 @@ class Trainer:
                     result = self.evaluate_shapes()
                     if self.main:
                         self.telemetry.write({"step": self.step, **_eval_record(result)})
+                if cfg.eval.fid_every > 0 and self.step % cfg.eval.fid_every == 0 and self.step < t.steps:
+                    fid = self.evaluate_fid()
+                    if self.main:
+                        self.telemetry.write({"step": self.step, "eval/fid": fid})
         except KeyboardInterrupt:
             bar.close()
             path = self.save()
@@ -702,6 +744,11 @@ class Trainer:
             if self.main:
                 self.telemetry.write({"step": self.step, **_eval_record(result)})
                 save_json(result, self.run_dir / "eval_shapes.json")
+        if cfg.eval.fid_every > 0:
+            fid = self.evaluate_fid()
+            if self.main:
+                self.telemetry.write({"step": self.step, "eval/fid": fid})
+                print(f"FID ({cfg.eval.fid_num_samples} EMA samples vs {cfg.eval.fid_ref}): {fid:.3f}")
         curves = None
         if self.main:
             try:

@@ -1,0 +1,144 @@
+"""The FID protocol end to end: reference statistics, generation in resumable chunks, metrics + protocol JSON,
+FID during training. The Inception network has random weights saved in the standard file format."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from scipy import linalg
+
+from ldmkit.cli import main
+from ldmkit.config import load_config
+from ldmkit.eval.inception import INCEPTION_FILE, FIDInceptionV3, InceptionFeatures
+from ldmkit.eval.protocol import condition_maker, generate_eval_set, merge_parts
+from ldmkit.sampling import sample_settings
+from ldmkit.train.checkpoint import load_model
+from ldmkit.train.trainer import train
+
+TINY = ["data.image_size=16", "data.shapes.colours=[red,green,blue]", "model.name=dit-tiny/4",
+        "train.batch_size=8", "train.lr=1e-3", "train.warmup_steps=1", "train.log_every=1",
+        "train.checkpoint_every=2", "train.sample_every=0", "sample.steps=2", "sample.grid_rows=1",
+        "eval.shapes_at_end=false"]
+
+
+@pytest.fixture(scope="module")
+def inception_file(tmp_path_factory):
+    torch.manual_seed(0)
+    net = FIDInceptionV3()
+    with torch.no_grad():  # He-initialised convolutions keep the features varying from image to image
+        for name, p in net.named_parameters():
+            if name.endswith("conv.weight"):
+                p.normal_(0, (2.0 / p[0].numel()) ** 0.5)
+    path = tmp_path_factory.mktemp("weights") / INCEPTION_FILE
+    torch.save(net.state_dict(), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    run = tmp_path_factory.mktemp("fid") / "run"
+    train(load_config(None, [*TINY, "train.steps=2", f"run.dir={run}"]), progress=False)
+    return run
+
+
+def reference_fid(samples, reference, features):
+    """FID written out independently: numpy moments and scipy's sqrtm."""
+    a, b = features(samples), features(reference)
+    mu1, mu2 = a.mean(0), b.mean(0)
+    s1, s2 = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    covmean = linalg.sqrtm(s1 @ s2).real
+    return float(((mu1 - mu2) ** 2).sum() + np.trace(s1 + s2 - 2 * covmean))
+
+
+def test_stats_fid_resume_and_protocol(run, inception_file, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("LDMKIT_INCEPTION_WEIGHTS", str(inception_file))
+    ref = tmp_path / "ref.npz"
+    assert main(["eval", "stats", str(run / "config.yaml"), "--num", "16", "--out", str(ref)]) == 0
+    with np.load(ref) as d:
+        assert d["arr_0"].shape == (16, 16, 16, 3) and d["features"].shape == (16, 2048) and int(d["n"]) == 16
+    assert main(["eval", "stats", str(run / "config.yaml"), "--num", "16", "--out", str(ref)]) == 2  # no overwrite
+
+    out = tmp_path / "eval"
+    args = ["eval", "fid", "--checkpoint", str(run), "--num-samples", "12", "--ref", str(ref), "--chunk", "5",
+            "--steps", "2", "--out", str(out)]
+    assert main(args) == 0
+    result = json.loads((out / "metrics.json").read_text())
+    with np.load(out / "samples.npz") as d:
+        images, labels = d["arr_0"], d["arr_1"]
+    assert images.shape == (12, 16, 16, 3) and images.dtype == np.uint8
+    assert labels.tolist() == [i % 9 for i in range(12)]  # class-balanced (3 colours x 3 shapes)
+    proto = result["protocol"]
+    assert proto["num_samples"] == 12 and proto["steps"] == 2 and proto["sampler"] == "heun"
+    assert proto["ema"] is True and proto["reference_count"] == 16 and proto["chunk"] == 5
+    assert proto["conditioning"].startswith("class-balanced (9 classes)")
+    features = InceptionFeatures(weights=inception_file, progress=False).extract
+    with np.load(ref) as d:
+        ref_images = d["arr_0"]
+    expected = reference_fid(images, ref_images, features)
+    assert expected > 1e-3 and result["metrics"]["fid"] == pytest.approx(expected, rel=1e-4)
+    assert 0 <= result["metrics"]["precision"] <= 1 and 0 <= result["metrics"]["recall"] <= 1
+
+    # resume: a missing chunk is generated again, identically; the others are not touched
+    parts = sorted((out / "parts").glob("part_*.npz"))
+    assert len(parts) == 3
+    before = parts[0].stat().st_mtime_ns
+    with np.load(parts[1]) as d:
+        chunk1 = d["images"].copy()
+    parts[1].unlink()
+    assert main(args) == 0
+    assert parts[0].stat().st_mtime_ns == before
+    with np.load(parts[1]) as d:
+        np.testing.assert_array_equal(d["images"], chunk1)
+    assert json.loads((out / "metrics.json").read_text())["metrics"]["fid"] == pytest.approx(expected, rel=1e-4)
+    # ... but not with a different protocol
+    capsys.readouterr()
+    assert main([*args[:-4], "--steps", "3", "--out", str(out)]) == 2
+    assert "different steps" in capsys.readouterr().err
+
+
+def test_eval_set_does_not_depend_on_the_number_of_ranks(run, tmp_path):
+    model, saved = load_model(run)
+    from ldmkit.config import from_dict
+
+    cfg = from_dict(saved)
+    settings = {**sample_settings(cfg, model), "steps": 2}
+    make_cond, _ = condition_maker(model, 16, 7)
+    common = dict(make_cond=make_cond, decode=lambda x: x, seed=3, chunk=3, progress=False)
+    one = generate_eval_set(model, tmp_path / "one", 7, 16, (3, 16, 16), settings, **common)
+    for rank in (1, 0):
+        two = generate_eval_set(model, tmp_path / "two", 7, 16, (3, 16, 16), settings, rank=rank, world_size=2,
+                                **common)
+    a = np.load(merge_parts(one, tmp_path / "one.npz"))["arr_0"]
+    b = np.load(merge_parts(two, tmp_path / "two.npz"))["arr_0"]
+    np.testing.assert_array_equal(a, b)
+    with pytest.raises(FileNotFoundError, match="missing"):
+        merge_parts([tmp_path / "nowhere.npz"], tmp_path / "x.npz")
+
+
+def test_missing_weights_and_reference_fail_before_sampling(run, tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv("LDMKIT_INCEPTION_WEIGHTS", raising=False)
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    ref = tmp_path / "ref.npz"
+    np.savez(ref, mu=np.zeros(2048), sigma=np.eye(2048))
+    assert main(["eval", "fid", "--checkpoint", str(run), "--num-samples", "4", "--ref", str(ref)]) == 2
+    err = capsys.readouterr().err
+    assert INCEPTION_FILE in err and "releases/download" in err
+    assert main(["eval", "fid", "--checkpoint", str(run), "--num-samples", "4", "--ref", str(tmp_path / "no.npz")]) == 2
+    assert "eval stats" in capsys.readouterr().err
+
+
+def test_fid_during_training(tmp_path, inception_file, monkeypatch):
+    monkeypatch.setenv("LDMKIT_INCEPTION_WEIGHTS", str(inception_file))
+    with pytest.raises(Exception, match="eval.fid_ref"):
+        load_config(None, [*TINY, "eval.fid_every=2"])
+    ref = tmp_path / "ref.npz"
+    rng = np.random.default_rng(0)
+    feats = rng.normal(size=(64, 2048))
+    np.savez(ref, mu=feats.mean(0), sigma=np.cov(feats, rowvar=False))
+    run = tmp_path / "run"
+    train(load_config(None, [*TINY, "train.steps=2", f"run.dir={run}", "eval.fid_every=1",
+                             "eval.fid_num_samples=4", f"eval.fid_ref={ref}"]), progress=False)
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    fids = [(r["step"], r["eval/fid"]) for r in records if "eval/fid" in r]
+    assert [s for s, _ in fids] == [1, 2] and all(np.isfinite(f) and f > 0 for _, f in fids)
