@@ -142,3 +142,34 @@ def test_fid_during_training(tmp_path, inception_file, monkeypatch):
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     fids = [(r["step"], r["eval/fid"]) for r in records if "eval/fid" in r]
     assert [s for s, _ in fids] == [1, 2] and all(np.isfinite(f) and f > 0 for _, f in fids)
+
+
+from test_clip_score import clip_dirs  # noqa: E402,F401  (the tiny offline CLIP fixture)
+from test_t2i import TINY_T2I  # noqa: E402
+
+
+def test_text_model_fid_cycles_captions_and_adds_clip_score(tmp_path, inception_file, clip_dirs, monkeypatch):
+    from ldmkit.eval.clip_score import CLIPScorer
+
+    monkeypatch.setenv("LDMKIT_INCEPTION_WEIGHTS", str(inception_file))
+    run = tmp_path / "t2i"
+    train(load_config(None, [*TINY_T2I, "train.steps=2", "eval.shapes_at_end=false", f"run.dir={run}"]),
+          progress=False)
+    ref = tmp_path / "ref.npz"
+    rng = np.random.default_rng(0)
+    feats = rng.normal(size=(64, 2048))
+    np.savez(ref, mu=feats.mean(0), sigma=np.cov(feats, rowvar=False))
+    captions = tmp_path / "captions.txt"
+    captions.write_text("a red circle in the top left\na blue square\n")
+    out = tmp_path / "eval"
+    assert main(["eval", "fid", "--checkpoint", str(run), "--num-samples", "3", "--ref", str(ref), "--steps", "2",
+                 "--captions", str(captions), "--clip", str(clip_dirs[0]), "--out", str(out)]) == 0
+    result = json.loads((out / "metrics.json").read_text())
+    assert result["protocol"]["conditioning"].startswith("captions (2 prompts")
+    assert "precision_recall" in result["metrics"]  # the reference has statistics only: skipped, and said so
+    with np.load(out / "samples.npz") as d:
+        images, idx = d["arr_0"], d["arr_1"]
+    assert idx.tolist() == [0, 1, 0]
+    prompts = captions.read_text().splitlines()
+    expected = CLIPScorer.from_pretrained(clip_dirs[0]).score(images, [prompts[i] for i in idx]).mean()
+    assert result["metrics"]["clip_score"] == pytest.approx(float(expected), rel=1e-6)

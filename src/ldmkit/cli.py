@@ -260,9 +260,11 @@ def cmd_eval_fid(args: argparse.Namespace) -> int:
         ae = build_autoencoder(cfg.autoencoder.name).to(device)
         text = _text_conditioner(cfg, device)
         settings = _sample_settings(args, cfg, model)
+        captions = _captions(args, cfg, dataset)
+        if args.clip and captions is None:
+            raise ConfigError("--clip: CLIPScore needs a text model (this one is class-conditional)")
         make_cond, conditioning = condition_maker(model, cfg.data.image_size, args.num_samples, text=text,
-                                                  captions=_captions(args, cfg, dataset),
-                                                  control=_control_settings(args, cfg))
+                                                  captions=captions, control=_control_settings(args, cfg))
         record = settings_record(settings)
         protocol = Protocol(
             num_samples=args.num_samples, seed=args.seed, sampler=record["sampler"], steps=record["steps"],
@@ -271,7 +273,8 @@ def cmd_eval_fid(args: argparse.Namespace) -> int:
             conditioning=conditioning, image_size=cfg.data.image_size, chunk=args.chunk,
             reference=str(Path(args.ref).resolve()), inception=str(weights),
             extra={"control": {k: (list(v) if isinstance(v, tuple) else v)
-                               for k, v in _control_settings(args, cfg).items()}})
+                               for k, v in _control_settings(args, cfg).items()},
+                   "clip_model": args.clip})
         out = Path(args.out) if args.out else ckpt / f"eval_fid_{args.num_samples}"
         saved = out / "protocol.json"
         if dist.is_main:
@@ -299,6 +302,16 @@ def cmd_eval_fid(args: argparse.Namespace) -> int:
         metrics = score_samples(samples, args.ref, inception, with_pr=not args.no_pr, with_is=args.inception_score,
                                 cache_dir=out)
         protocol.reference_count = metrics.pop("reference_count")
+        if args.clip:  # CLIPScore = 100 max(cos, 0) of every sample with its own caption, averaged
+            import numpy as np
+
+            from ldmkit.eval.clip_score import CLIPScorer
+
+            with np.load(samples) as d:
+                images, idx = d["arr_0"], d["arr_1"]
+            scores = CLIPScorer.from_pretrained(args.clip, device=device).score(
+                images, [captions[int(i)] for i in idx], progress=True)
+            metrics["clip_score"] = float(scores.mean())
         result = write_result(out, metrics, protocol, str(ckpt))
         shown = ", ".join(f"{k} {v:.4g}" for k, v in metrics.items() if isinstance(v, float))
         print(f"{shown} ({metrics['num_samples']} samples; {protocol.sampler} {protocol.steps} steps, guidance "
@@ -516,6 +529,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--inception-batch", type=int, default=200)
     e.add_argument("--no-pr", action="store_true", help="skip precision/recall")
     e.add_argument("--inception-score", action="store_true", help="also the Inception Score")
+    e.add_argument("--clip", help="text models: also CLIPScore with this CLIP model (hub id or local directory, "
+                                  "e.g. openai/clip-vit-large-patch14)")
     e.set_defaults(func=cmd_eval_fid)
 
     e = esub.add_parser("stats", help="reference statistics (mu, sigma; features) of an image folder, an .npz or a "
