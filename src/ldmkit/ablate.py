@@ -121,6 +121,9 @@ def run_ablation(path: str | Path, extra: list[str] | tuple[str, ...] = (), out:
         if "shapes" not in spec["evaluate"]:
             cfg.eval.shapes_at_end = False
         trained = train(cfg, progress=progress)
+        if trained.stopped_by is not None:  # SIGTERM/SIGINT: stop the whole ablation; --out DIR resumes it
+            print(f"[{spec['name']}] {name}: stopped by a signal; continue with --out {out}")
+            return out
         row = {"variant": name, "overrides": overrides, "run_dir": str(run_dir)}
         row.update(_final_loss(run_dir))
         row["curve"] = _eval_curve(run_dir)
