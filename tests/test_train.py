@@ -196,3 +196,4 @@ def test_init_from_a_run_or_a_weights_dir_starts_from_those_weights(tmp_path):
                 progress=False)
     with pytest.raises(FileNotFoundError, match="init.from"):
         Trainer(tiny_config(tmp_path / "nowhere", f"init.from={tmp_path / 'missing'}"), progress=False)
+    assert not (tmp_path / "nowhere").exists()  # checked before the run directory is made

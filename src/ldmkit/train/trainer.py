@@ -231,6 +231,15 @@ class Trainer:
         if t.wandb and "wandb" not in sys.modules and importlib.util.find_spec("wandb") is None:
             raise ConfigError("config key 'train.wandb': true needs the wandb package (pip install wandb)")
 
+        # Inputs that would fail later are checked before the run directory exists.
+        if cfg.eval.fid_every > 0:  # not at the first evaluation hours later
+            from ldmkit.eval.inception import resolve_inception_weights
+
+            if not Path(cfg.eval.fid_ref).is_file():
+                raise ConfigError(f"config key 'eval.fid_ref': {cfg.eval.fid_ref!r} does not exist")
+            resolve_inception_weights(cfg.eval.inception_weights)
+        if cfg.init.from_ and resume is None:
+            read_source_config(cfg.init.from_)  # the source exists and is a checkpoint, run or weights dir
         if cfg.diffusion.resolution_scale == "auto":  # resolved once; the run's config stores the number
             self.cfg = cfg = replace(cfg, diffusion=replace(cfg.diffusion, resolution_scale=resolution_scale(cfg)))
         self.run_dir, resume_from = self._setup_run_dir(resume)
@@ -305,12 +314,6 @@ class Trainer:
         self._stop_signal: int | None = None
         self._eval_model = None
         self._fid = None  # (InceptionFeatures, reference stats, make_cond), built at the first FID evaluation
-        if cfg.eval.fid_every > 0:  # fail now, not at the first evaluation hours later
-            from ldmkit.eval.inception import resolve_inception_weights
-
-            if not Path(cfg.eval.fid_ref).is_file():
-                raise ConfigError(f"config key 'eval.fid_ref': {cfg.eval.fid_ref!r} does not exist")
-            resolve_inception_weights(cfg.eval.inception_weights)
 
     def _fresh_model(self) -> torch.nn.Module:
         """A new, unwrapped instance of the trained architecture, on the training device."""
