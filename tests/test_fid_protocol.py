@@ -148,7 +148,7 @@ from test_clip_score import clip_dirs  # noqa: E402,F401  (the tiny offline CLIP
 from test_t2i import TINY_T2I  # noqa: E402
 
 
-def test_text_model_fid_cycles_captions_and_adds_clip_score(tmp_path, inception_file, clip_dirs, monkeypatch):
+def test_text_model_fid_cycles_captions_and_adds_clip_score(tmp_path, inception_file, clip_dirs, monkeypatch):  # noqa: F811
     from ldmkit.eval.clip_score import CLIPScorer
 
     monkeypatch.setenv("LDMKIT_INCEPTION_WEIGHTS", str(inception_file))
@@ -173,3 +173,31 @@ def test_text_model_fid_cycles_captions_and_adds_clip_score(tmp_path, inception_
     prompts = captions.read_text().splitlines()
     expected = CLIPScorer.from_pretrained(clip_dirs[0]).score(images, [prompts[i] for i in idx]).mean()
     assert result["metrics"]["clip_score"] == pytest.approx(float(expected), rel=1e-6)
+
+
+def test_a_reference_of_images_only_is_featurised_once_for_fid_and_precision_recall(tmp_path):
+    from ldmkit.eval.protocol import score_samples
+
+    class CountingFeatures:  # a stand-in for InceptionFeatures: 8-d features (pixels), full-rank covariances
+        calls = 0
+
+        def extract(self, batches):
+            CountingFeatures.calls += 1
+            arrays = [np.asarray(b, np.float64) for b in ([batches] if isinstance(batches, np.ndarray) else batches)]
+            x = np.concatenate(arrays).reshape(sum(len(a) for a in arrays), -1)
+            return x[:, :8] / 255.0
+
+        def extract_all(self, batches, outputs):
+            return {"pool": self.extract(batches)}
+
+    rng = np.random.default_rng(0)
+    ref, samples = tmp_path / "ref.npz", tmp_path / "samples.npz"
+    np.savez(ref, arr_0=rng.integers(0, 256, (20, 8, 8, 3), dtype=np.uint8))
+    np.savez(samples, arr_0=rng.integers(0, 256, (20, 8, 8, 3), dtype=np.uint8))
+    metrics = score_samples(samples, ref, CountingFeatures(), cache_dir=tmp_path)
+    assert CountingFeatures.calls == 2  # the reference once (FID and precision/recall), the samples once
+    fake = CountingFeatures()
+    a, b = fake.extract(np.load(samples)["arr_0"]), fake.extract(np.load(ref)["arr_0"])
+    expected = reference_fid(np.load(samples)["arr_0"], np.load(ref)["arr_0"], fake.extract)
+    assert metrics["fid"] == pytest.approx(expected, rel=1e-6) and a.shape == b.shape
+    assert 0 <= metrics["precision"] <= 1 and 0 <= metrics["recall"] <= 1

@@ -153,7 +153,13 @@ def score_samples(samples: Path, reference: str | Path, inception: Any, *, preci
     """
     from ldmkit.eval.fid import load_reference
 
-    ref_stats = load_reference(reference, features_fn=inception.extract)
+    with np.load(reference) as d:
+        has_stats = "mu" in d.files and "sigma" in d.files
+    ref_feats = reference_features(reference, inception.extract, cache_dir) if with_pr else None
+    if not has_stats and ref_feats is not None:  # images only: their features serve both metrics
+        ref_stats = stats_from_features(ref_feats)
+    else:
+        ref_stats = load_reference(reference, features_fn=inception.extract)
     outputs = ("pool", "logits_unbiased") if with_is else ("pool",)
     feats = inception.extract_all(NpzImageBatches(samples, "arr_0", 500), outputs=outputs)
     stats = stats_from_features(feats["pool"])
@@ -161,7 +167,6 @@ def score_samples(samples: Path, reference: str | Path, inception: Any, *, preci
     metrics: dict[str, Any] = {"fid": stats.frechet_distance(ref_stats), "num_samples": int(len(feats["pool"])),
                                "reference_count": None if ref_stats.n is None else int(ref_stats.n)}
     if with_pr:
-        ref_feats = reference_features(reference, inception.extract, cache_dir)
         if ref_feats is None:
             metrics["precision_recall"] = "skipped: the reference holds statistics only (no arr_0 or features)"
         else:

@@ -235,8 +235,10 @@ class Trainer:
         if cfg.eval.fid_every > 0:  # not at the first evaluation hours later
             from ldmkit.eval.inception import resolve_inception_weights
 
-            if not Path(cfg.eval.fid_ref).is_file():
-                raise ConfigError(f"config key 'eval.fid_ref': {cfg.eval.fid_ref!r} does not exist")
+            for key in ("fid_ref", "fid_captions"):
+                value = getattr(cfg.eval, key)
+                if value is not None and not Path(value).is_file():
+                    raise ConfigError(f"config key 'eval.{key}': {value!r} does not exist")
             resolve_inception_weights(cfg.eval.inception_weights)
         if cfg.init.from_ and resume is None:
             read_source_config(cfg.init.from_)  # the source exists and is a checkpoint, run or weights dir
