@@ -196,8 +196,6 @@ def test_a_reference_of_images_only_is_featurised_once_for_fid_and_precision_rec
     np.savez(samples, arr_0=rng.integers(0, 256, (20, 8, 8, 3), dtype=np.uint8))
     metrics = score_samples(samples, ref, CountingFeatures(), cache_dir=tmp_path)
     assert CountingFeatures.calls == 2  # the reference once (FID and precision/recall), the samples once
-    fake = CountingFeatures()
-    a, b = fake.extract(np.load(samples)["arr_0"]), fake.extract(np.load(ref)["arr_0"])
-    expected = reference_fid(np.load(samples)["arr_0"], np.load(ref)["arr_0"], fake.extract)
-    assert metrics["fid"] == pytest.approx(expected, rel=1e-6) and a.shape == b.shape
+    expected = reference_fid(np.load(samples)["arr_0"], np.load(ref)["arr_0"], CountingFeatures().extract)
+    assert metrics["fid"] == pytest.approx(expected, rel=1e-6)
     assert 0 <= metrics["precision"] <= 1 and 0 <= metrics["recall"] <= 1

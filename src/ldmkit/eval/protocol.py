@@ -72,6 +72,15 @@ def _atomic_savez(path: Path, **arrays: np.ndarray) -> None:
     os.replace(tmp, path)
 
 
+def _decoded_uint8(x: torch.Tensor, decode: Callable[[torch.Tensor], torch.Tensor], batch_size: int,
+                   device: torch.device | str) -> np.ndarray:
+    """Model-space samples -> uint8 images (N, H, W, 3), decoded in batches."""
+    from ldmkit.autoencoders import to_uint8
+
+    return np.concatenate([to_uint8(decode(x[i:i + batch_size].to(device))).numpy()
+                           for i in range(0, len(x), batch_size)])
+
+
 def generate_eval_set(model: nn.Module, out_dir: str | Path, num_samples: int, image_size: int,
                       latent_shape: tuple[int, int, int], settings: dict[str, Any], *,
                       make_cond: Callable[[int, int], tuple[Any, Any, np.ndarray]],
@@ -83,7 +92,6 @@ def generate_eval_set(model: nn.Module, out_dir: str | Path, num_samples: int, i
     ``make_cond(start, stop)`` gives ``(cond, uncond, labels)`` for samples ``start..stop-1``;
     ``settings`` are ``generate`` keyword arguments (sampler, steps, guidance, ...).
     """
-    from ldmkit.autoencoders import to_uint8
     from ldmkit.sampling import generate
 
     parts = Path(out_dir) / "parts"
@@ -99,8 +107,7 @@ def generate_eval_set(model: nn.Module, out_dir: str | Path, num_samples: int, i
         cond, uncond, labels = make_cond(start, stop)
         x = generate(model, cond, latent_shape, uncond=uncond, seed=seed + c, batch_size=batch_size,
                      device=device, **settings)
-        images = np.concatenate([to_uint8(decode(x[i:i + batch_size].to(device))).numpy()
-                                 for i in range(0, len(x), batch_size)])
+        images = _decoded_uint8(x, decode, batch_size, device)
         if images.shape[1:3] != (image_size, image_size):
             raise ValueError(f"generated images are {images.shape[1:3]}, expected {image_size}x{image_size}")
         _atomic_savez(paths[c], images=images, labels=np.asarray(labels))
@@ -194,14 +201,12 @@ def fid_of_model(model: nn.Module, reference: FeatureStats, inception: Any, num_
                  decode: Callable[[torch.Tensor], torch.Tensor], settings: dict[str, Any], seed: int,
                  batch_size: int = 250, device: torch.device | str = "cpu") -> float:
     """FID of ``num_samples`` fresh samples against ``reference`` in memory (training-time evaluation)."""
-    from ldmkit.autoencoders import to_uint8
     from ldmkit.sampling import generate
 
     cond, uncond, _ = make_cond(0, num_samples)
     x = generate(model, cond, latent_shape, uncond=uncond, seed=seed, batch_size=batch_size, device=device,
                  **settings)
-    images = np.concatenate([to_uint8(decode(x[i:i + batch_size].to(device))).numpy()
-                             for i in range(0, len(x), batch_size)])
+    images = _decoded_uint8(x, decode, batch_size, device)
     return stats_from_features(inception.extract(images)).frechet_distance(reference)
 
 

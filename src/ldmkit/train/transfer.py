@@ -133,18 +133,13 @@ class TransferReport:
     def fraction(self, *kinds: str) -> float:
         """Fraction of the new model's values in the given categories (by element count)."""
         total = sum(self.numel.values()) or 1
-        names: list[str] = []
-        for k in kinds:
-            part = getattr(self, k)
-            names += list(part)
-        return sum(self.numel[n] for n in names) / total
+        return sum(self.numel[name] for kind in kinds for name in getattr(self, kind)) / total
 
     def summary(self, limit: int = 8) -> str:
-        def show(items: Any) -> str:
-            items = [f"{k} ({v})" if isinstance(items, dict) else k for k, v in
-                     (items.items() if isinstance(items, dict) else ((i, None) for i in items))]
-            more = f", ... (+{len(items) - limit})" if len(items) > limit else ""
-            return ", ".join(items[:limit]) + more
+        def show(items: dict[str, str] | list[str]) -> str:
+            names = [f"{k} ({v})" for k, v in items.items()] if isinstance(items, dict) else list(items)
+            more = f", ... (+{len(names) - limit})" if len(names) > limit else ""
+            return ", ".join(names[:limit]) + more
 
         lines = [f"Initial weights from {self.source}: "
                  f"{len(self.loaded)} tensors loaded, {len(self.adapted)} adapted, "
