@@ -1,4 +1,4 @@
-"""The `ldmkit` command line: train, sample, eval, plot, config, models."""
+"""The `ldmkit` command line: train, encode, sample, eval, plot, config, models."""
 
 from __future__ import annotations
 
@@ -38,6 +38,16 @@ def cmd_train(args: argparse.Namespace) -> int:
             raise RunDirError(f"cannot resume: {config!r} does not exist (is {run_dir!r} a run directory?)")
     cfg = load_config(config, overrides)
     train(cfg, resume=args.resume, progress=not args.no_progress)
+    return 0
+
+
+def cmd_encode(args: argparse.Namespace) -> int:
+    from ldmkit.encode import encode_dataset
+
+    config, overrides = _split_config_and_overrides(args)
+    cfg = load_config(config, overrides)
+    encode_dataset(cfg, out=args.out, batch_size=args.batch_size, shard_size=args.shard_size, dtype=args.dtype,
+                   device=args.device, progress=not args.no_progress)
     return 0
 
 
@@ -127,7 +137,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
     ckpt, model, cfg, device = _load_for_sampling(args)
     dataset = build_dataset(cfg.data, seed=cfg.seed)
-    ae = build_autoencoder(cfg.autoencoder.name).to(device)
+    ae = build_autoencoder(cfg.autoencoder, device=device)
     text = _text_conditioner(cfg, device)
     control = default_control(args.num, cfg.data.image_size, **_control_settings(args, cfg))
     if text is not None:
@@ -173,7 +183,7 @@ def cmd_eval_shapes(args: argparse.Namespace) -> int:
     if cfg.data.name != "shapes":
         raise ConfigError(f"eval shapes needs a model trained on data.name='shapes', not {cfg.data.name!r}")
     dataset = build_dataset(cfg.data, seed=cfg.seed)
-    ae = build_autoencoder(cfg.autoencoder.name).to(device)
+    ae = build_autoencoder(cfg.autoencoder, device=device)
     settings = _sample_settings(args, cfg, model)
     text = _text_conditioner(cfg, device)
     common = dict(seed=args.seed, device=device, decode=ae.decode, progress=True,
@@ -257,7 +267,7 @@ def cmd_eval_fid(args: argparse.Namespace) -> int:
     try:
         ckpt, model, cfg, device = _load_for_sampling(args)
         dataset = build_dataset(cfg.data, seed=cfg.seed)
-        ae = build_autoencoder(cfg.autoencoder.name).to(device)
+        ae = build_autoencoder(cfg.autoencoder, device=device)
         text = _text_conditioner(cfg, device)
         settings = _sample_settings(args, cfg, model)
         captions = _captions(args, cfg, dataset)
@@ -476,6 +486,22 @@ def build_parser() -> argparse.ArgumentParser:
                    help="continue run.dir: 'auto' (newest complete checkpoint) or a checkpoint path")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("encode", help="precompute a run's latents (and text encodings) into a cache",
+                       description="Encode data.* with autoencoder.* (and cond.text.* for text models) into "
+                                   "sharded safetensors at data.cache (or --out): posterior mean and std of each "
+                                   "crop and its mirror. Resumable: run it again to finish an interrupted job; "
+                                   "parallel with torchrun. Train from it with the same config and data.cache set.")
+    p.add_argument("config", nargs="?", help="the run's YAML recipe")
+    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. data.cache=/data/latents")
+    p.add_argument("--out", help="cache directory (default: data.cache)")
+    p.add_argument("--batch-size", type=int, default=64, help="images per autoencoder call (per process)")
+    p.add_argument("--shard-size", type=int, default=10_000,
+                   help="samples per output shard of an image folder (WebDataset: one output shard per tar)")
+    p.add_argument("--dtype", choices=["float16", "float32"], default="float16", help="storage precision")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_encode)
 
     p = sub.add_parser("sample", help="sample an image grid from a checkpoint")
     _add_sampling_args(p)

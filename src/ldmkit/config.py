@@ -50,18 +50,50 @@ class ShapesConfig:
 
 @dataclass
 class DataConfig:
-    name: Literal["shapes"] = "shapes"
+    """Where training images come from and how they are cropped (docs/data.md).
+
+    ``imagenet``: ``path`` is a folder of class sub-folders (ImageNet's train/ or a sorted val/), classes
+    indexed by ``class_map`` (LOC_synset_mapping.txt, one synset per line, or JSON) or by sorted folder
+    names. ``folder``: images under ``path`` with ``captions`` (CSV or JSONL: file, caption). ``webdataset``:
+    ``path`` is a shard list/pattern (``/data/cc12m/{00000..01242}.tar``, URLs, ``pipe:``) in the img2dataset
+    layout. ``cache``: a latent cache written by ``ldmkit encode``; training reads it instead of decoding.
+    """
+
+    name: Literal["shapes", "imagenet", "folder", "webdataset"] = "shapes"
+    path: Optional[str] = None  # imagenet/folder: a directory; webdataset: shard pattern(s), ';'-separated
+    class_map: Optional[str] = None  # imagenet: synset -> index file (default: sorted sub-folder names)
+    captions: Optional[str] = None  # folder: CSV or JSONL with columns file, caption
     image_size: int = 32
-    num_samples: int = 100_000
-    crop: Literal["center", "random"] = "center"
+    num_samples: int = 100_000  # shapes: dataset size; webdataset: samples per epoch (for logging only)
+    crop: Literal["center", "random", "random_resized"] = "center"
+    crop_scale: tuple[float, float] = (0.5, 1.0)  # random_resized: crop area / image area, uniform
+    crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)  # random_resized: crop aspect w/h, log-uniform
+    min_size: int = 0  # skip sources whose short side is below this (0: smaller images are upscaled)
     flip_prob: float = 0.5
     num_workers: int = 0
+    shuffle_buffer: int = 2000  # webdataset: samples mixed across shards in each worker
+    cache: Optional[str] = None  # latent cache directory (`ldmkit encode` writes it; training reads it)
     shapes: ShapesConfig = field(default_factory=ShapesConfig)
 
 
 @dataclass
 class AutoencoderConfig:
-    name: Literal["identity"] = "identity"  # identity: the model works on pixels
+    """The space the model works in: pixels (``identity``) or an ``AutoencoderKL`` latent space.
+
+    ``sd | sdxl | sd3 | flux`` are presets (hub id, subfolder, scale, shift; ldmkit.autoencoders.PRESETS);
+    ``kl`` is any diffusers AutoencoderKL at ``path``. Model-space latents are ``(z - shift) * scale``, or
+    with ``channel_norm`` ``(z - channel_mean) / channel_std`` per channel (statistics from the cache).
+    """
+
+    name: Literal["identity", "kl", "sd", "sdxl", "sd3", "flux"] = "identity"
+    path: Optional[str] = None  # hub id or local directory (presets fill it in)
+    subfolder: Optional[str] = None
+    scale: Optional[float] = None  # None: the preset's, else the VAE config's scaling_factor
+    shift: Optional[float] = None  # None: the preset's, else the VAE config's shift_factor (or 0)
+    channel_norm: bool = False  # per-channel normalisation computed from data (needs data.cache)
+    channel_mean: Optional[list[float]] = None  # filled from the cache at the start of training
+    channel_std: Optional[list[float]] = None
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"  # the VAE's weights and compute
 
 
 @dataclass
@@ -418,6 +450,25 @@ def validate(cfg: Config) -> None:
     need(d.image_size >= 8, "data.image_size", f"must be >= 8, got {d.image_size}")
     need(0 <= d.flip_prob <= 1, "data.flip_prob", f"must lie in [0, 1], got {d.flip_prob}")
     need(d.num_samples > 0, "data.num_samples", f"must be > 0, got {d.num_samples}")
+    need(d.name == "shapes" or d.path is not None, "data.path", f"data.name={d.name!r} reads files: set data.path")
+    need(d.name != "folder" or d.captions is not None, "data.captions",
+         "data.name='folder' needs a captions file (CSV or JSONL with columns file, caption)")
+    need(d.name != "shapes" or d.crop != "random_resized", "data.crop",
+         "shapes supports center and random crops (its ground truth assumes one resize factor)")
+    need(0 < d.crop_scale[0] <= d.crop_scale[1] <= 1, "data.crop_scale", f"need 0 < lo <= hi <= 1, got {d.crop_scale}")
+    need(0 < d.crop_ratio[0] <= d.crop_ratio[1], "data.crop_ratio", f"need 0 < lo <= hi, got {d.crop_ratio}")
+    need(d.min_size >= 0 and d.shuffle_buffer >= 0 and d.num_workers >= 0, "data",
+         "min_size, shuffle_buffer and num_workers must be >= 0")
+    need(cfg.eval.shapes_every == 0 or d.name == "shapes", "eval.shapes_every",
+         "the shapes evaluation needs data.name=shapes")
+    need(cfg.eval.fid_every == 0 or cfg.cond.semantic != "text" or d.name == "shapes"
+         or cfg.eval.fid_captions is not None, "eval.fid_captions",
+         "FID of a text model on real data needs a caption file (one prompt per line)")
+    a = cfg.autoencoder
+    need(a.name != "kl" or a.path is not None, "autoencoder.path", "autoencoder.name=kl needs a hub id or directory")
+    need(not a.channel_norm or a.name != "identity", "autoencoder.channel_norm", "needs a latent autoencoder")
+    need(not a.channel_norm or d.cache is not None or a.channel_mean is not None, "autoencoder.channel_norm",
+         "the per-channel statistics come from a latent cache: set data.cache (see `ldmkit encode`)")
     need(0 <= cfg.cond.p_drop_semantic < 1, "cond.p_drop_semantic", "must lie in [0, 1)")
     need(0 <= cfg.cond.p_drop_control < 1, "cond.p_drop_control", "must lie in [0, 1)")
     tx = cfg.cond.text

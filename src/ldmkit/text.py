@@ -119,11 +119,35 @@ class TextConditioner:
         The null prompt of guidance is ``""``, encoded and padded like every other prompt.
         """
         enc = self.encoder.encode(prompts)
-        tokens, mask = pad_tokens(enc.tokens, enc.n_valid, self.length, self.mode, self.sigma,
+        return self._pad(enc.tokens, enc.n_valid, enc.pooled, training, device, generator, eps)
+
+    def from_encoded(self, tokens: Tensor, n_valid: Tensor, pooled: Optional[Tensor],
+                     dropped: Optional[Tensor] = None, training: bool = False,
+                     device: torch.device | str = "cpu", generator: Optional[torch.Generator] = None,
+                     eps: Optional[Tensor] = None) -> dict[str, Optional[Tensor]]:
+        """Like ``__call__`` for encoder outputs read from a latent cache: (B, L_c, D) tokens with
+        ``n_valid`` real ones and (B, D_p) pooled vectors; rows where ``dropped`` is True get the null
+        prompt's encoding instead (classifier-free guidance dropout)."""
+        if dropped is not None and bool(dropped.any()):
+            null = self.encoder.encode([""])
+            keep = ~dropped.to(tokens.device)
+            L_c, n0 = tokens.shape[1], int(null.n_valid[0])
+            null_tokens = torch.zeros((1, L_c, tokens.shape[2]), dtype=tokens.dtype, device=tokens.device)
+            null_tokens[:, : min(n0, L_c)] = null.tokens[:, : min(n0, L_c)].to(tokens)
+            tokens = torch.where(keep[:, None, None], tokens, null_tokens)
+            n_valid = torch.where(keep, n_valid.to(tokens.device), min(n0, L_c))
+            if pooled is not None:
+                pooled = torch.where(keep[:, None], pooled, null.pooled.to(pooled))
+        return self._pad(tokens, n_valid, pooled, training, device, generator, eps)
+
+    def _pad(self, tokens: Tensor, n_valid: Tensor, pooled: Optional[Tensor], training: bool,
+             device: torch.device | str, generator: Optional[torch.Generator],
+             eps: Optional[Tensor]) -> dict[str, Optional[Tensor]]:
+        tokens, mask = pad_tokens(tokens, n_valid, self.length, self.mode, self.sigma,
                                   noise=self.needs_noise(training), use_mask=self.use_mask,
                                   generator=generator, eps=eps)
         return {"text": tokens.to(device), "text_mask": None if mask is None else mask.to(device),
-                "text_pooled": enc.pooled.to(device) if self.pooled else None}
+                "text_pooled": pooled.to(device) if self.pooled and pooled is not None else None}
 
 
 def build_text_conditioner(tc, device: torch.device | str = "cpu") -> TextConditioner:

@@ -5,8 +5,14 @@ from __future__ import annotations
 from ldmkit.config import DataConfig
 
 
-def build_dataset(cfg: DataConfig, seed: int):
-    """The dataset a data config names."""
+def build_dataset(cfg: DataConfig, seed: int, rank: int = 0, world_size: int = 1, need_caption: bool = False,
+                  start_epoch: int = 0):
+    """The source dataset a data config names (``data.cache`` is opened by ``LatentCacheDataset``).
+
+    Map-style sources (shapes, imagenet, folder) follow ``ldmkit.data.stream.EpochDataset``; a
+    ``webdataset`` source is an endless ``IterableDataset`` that shards itself over ``rank``/``world_size``
+    and loader workers.
+    """
     if cfg.name == "shapes":
         from ldmkit.data.shapes import ShapesDataset
 
@@ -17,4 +23,13 @@ def build_dataset(cfg: DataConfig, seed: int):
             max_aspect=s.max_aspect, size_range=tuple(s.size_range), crop=cfg.crop,
             flip_prob=cfg.flip_prob,
         )
-    raise ValueError(f"data.name: unknown dataset {cfg.name!r}; available: 'shapes'")
+    if cfg.name in ("imagenet", "folder"):
+        from ldmkit.data.images import build_image_dataset
+
+        return build_image_dataset(cfg, seed=seed)
+    if cfg.name == "webdataset":
+        from ldmkit.data.shards import build_shard_source
+
+        return build_shard_source(cfg, seed=seed, rank=rank, world_size=world_size, need_caption=need_caption,
+                                  start_epoch=start_epoch)
+    raise ValueError(f"data.name: unknown dataset {cfg.name!r}; available: shapes, imagenet, folder, webdataset")

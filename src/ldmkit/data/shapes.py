@@ -25,7 +25,7 @@ import torch
 from PIL import Image
 
 from ldmkit.data.transforms import (
-    CROP_MODES,
+    SQUARE_CROP_MODES,
     center_crop_offset,
     resize_crop_flip,
     resized_size,
@@ -378,7 +378,7 @@ def _validate(
         raise bad("max_aspect", f"must be >= 1 (w / h and h / w are both allowed), got {max_aspect!r}")
     if len(size_range) != 2 or not 0.0 < size_range[0] <= size_range[1] < 0.5:
         raise bad("size_range", f"must be (min, max) with 0 < min <= max < 0.5, got {size_range!r}")
-    if crop not in CROP_MODES:
-        raise bad("crop", f"must be one of {CROP_MODES}, got {crop!r}")
+    if crop not in SQUARE_CROP_MODES:  # ground truth assumes one resize factor
+        raise bad("crop", f"must be one of {SQUARE_CROP_MODES} for shapes, got {crop!r}")
     if not 0.0 <= flip_prob <= 1.0:
         raise bad("flip_prob", f"must be in [0, 1], got {flip_prob!r}")

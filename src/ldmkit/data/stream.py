@@ -88,3 +88,10 @@ class StreamDataset(Dataset):
     def __getitem__(self, key: tuple[int, int]) -> dict[str, Any]:
         epoch, index = key
         return self.dataset.get(index, epoch)
+
+    def __getitems__(self, keys: list[tuple[int, int]]) -> Any:
+        """A whole batch at once (the DataLoader's batched fetch): one vectorised read for datasets with
+        ``get_many`` (the latent cache), else one ``get`` per key."""
+        if hasattr(self.dataset, "get_many"):
+            return self.dataset.get_many(keys)
+        return [self.dataset.get(index, epoch) for epoch, index in keys]

@@ -3,6 +3,11 @@
 The metadata follows the SDXL conventions used by ``ldmkit.conditioning.CONTROL_FIELDS``:
 ``orig_size`` is (h, w) of the source before resizing, ``crop`` is (top, left) of the crop in the
 *resized* image, ``flip`` is 1.0 when a horizontal flip was applied and ``aspect`` is w / h of the crop.
+
+``random_resized`` crops a box of random area and aspect from the *source* and resizes it to the output
+square; its ``crop`` is the box's (top, left) in the coordinates of the source resized so that the box
+becomes ``size x size`` (the same frame as the other modes when the box is square), and ``aspect`` is
+the box's w / h before it is squeezed into the square.
 """
 
 from __future__ import annotations
@@ -13,7 +18,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-CROP_MODES = ("center", "random")
+CROP_MODES = ("center", "random", "random_resized")
+SQUARE_CROP_MODES = ("center", "random")  # one uniform resize, then a square crop
 
 
 def resized_size(h0: int, w0: int, size: int) -> tuple[int, int]:
@@ -32,16 +38,46 @@ def center_crop_offset(h: int, w: int, size: int) -> tuple[int, int]:
     return (h - size) // 2, (w - size) // 2
 
 
+def random_resized_box(h0: int, w0: int, scale: tuple[float, float], ratio: tuple[float, float],
+                       rng: np.random.Generator) -> tuple[int, int, int, int]:
+    """(top, left, height, width) of a box covering ``scale`` of the area with w/h in ``ratio``.
+
+    Area fraction ~ U(scale), log aspect ~ U(log ratio); ten tries, then the largest centred box whose
+    aspect is clamped into ``ratio`` (the usual RandomResizedCrop rule). Exactly 20 draws are consumed
+    whatever happens, so the flip that follows sees the same stream position.
+    """
+    area = h0 * w0
+    draws = rng.random((10, 4))
+    log_lo, log_hi = np.log(ratio[0]), np.log(ratio[1])
+    for a, r, u, v in draws:
+        target = area * (scale[0] + (scale[1] - scale[0]) * a)
+        aspect = float(np.exp(log_lo + (log_hi - log_lo) * r))
+        w, h = round((target * aspect) ** 0.5), round((target / aspect) ** 0.5)
+        if 0 < w <= w0 and 0 < h <= h0:
+            return int(u * (h0 - h + 1)), int(v * (w0 - w + 1)), h, w
+    aspect0 = w0 / h0
+    if aspect0 < ratio[0]:
+        w, h = w0, round(w0 / ratio[0])
+    elif aspect0 > ratio[1]:
+        h, w = h0, round(h0 * ratio[1])
+    else:
+        h, w = h0, w0
+    return (h0 - h) // 2, (w0 - w) // 2, h, w
+
+
 def resize_crop_flip(
     img: Image.Image,
     size: int,
     crop: str,
     flip_prob: float,
     rng: np.random.Generator,
+    scale: tuple[float, float] = (0.5, 1.0),
+    ratio: tuple[float, float] = (3 / 4, 4 / 3),
 ) -> tuple[Image.Image, dict[str, Any]]:
     """Resize (short side -> ``size``), crop ``size x size`` and randomly flip; return image and metadata.
 
-    The random stream is consumed in a fixed order (crop offsets only for ``crop="random"``, then
+    ``random_resized`` instead resizes a random box (``scale``, ``ratio``) of the source to the square.
+    The random stream is consumed in a fixed order (the crop's draws only for the random modes, then
     always one uniform for the flip), so that e.g. ``flip_prob=0`` and ``flip_prob=1`` give the same
     crop for the same generator state.
     """
@@ -53,6 +89,24 @@ def resize_crop_flip(
         raise ValueError(f"resize_crop_flip: flip_prob must be in [0, 1], got {flip_prob}")
 
     w0, h0 = img.size
+    if crop == "random_resized":
+        if not (0 < scale[0] <= scale[1] <= 1 and 0 < ratio[0] <= ratio[1]):
+            raise ValueError(f"resize_crop_flip: need 0 < scale lo <= hi <= 1 and 0 < ratio lo <= hi, "
+                             f"got scale={scale}, ratio={ratio}")
+        bt, bl, bh, bw = random_resized_box(h0, w0, scale, ratio, rng)
+        img = img.resize((size, size), Image.Resampling.BICUBIC, box=(bl, bt, bl + bw, bt + bh),
+                         reducing_gap=3.0)
+        flip = bool(rng.random() < flip_prob)
+        if flip:
+            img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        meta = {
+            "orig_size": (float(h0), float(w0)),
+            "crop": (bt * size / bh, bl * size / bw),
+            "flip": 1.0 if flip else 0.0,
+            "aspect": bw / bh,
+        }
+        return img, meta
+
     new_h, new_w = resized_size(h0, w0, size)
     if (new_w, new_h) != (w0, h0):
         # Pillow's BICUBIC resize is antialiased when downscaling (the kernel support is scaled);

@@ -177,7 +177,7 @@ def evaluate_disentanglement(model: torch.nn.Module, cfg, *, device: torch.devic
     from ldmkit.sampling import conditions_for, default_control, make_grid, settings_record
 
     dataset = build_dataset(cfg.data, seed=cfg.seed)
-    ae = build_autoencoder(cfg.autoencoder.name).to(device)
+    ae = build_autoencoder(cfg.autoencoder, device=device)
     size = cfg.data.image_size
     sizes = sorted(int(s) for s in (sizes or scaled_sizes(size)))
     hr = scaled_sizes(size, HR_SIZES) if set(scaled_sizes(size, HR_SIZES)) <= set(sizes) else sizes[-3:]

@@ -27,7 +27,7 @@ from typing import Any, Iterator
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, IterableDataset
 from tqdm.auto import tqdm
 
 from ldmkit.autoencoders import build_autoencoder, to_uint8
@@ -35,6 +35,8 @@ from ldmkit.conditioning import Conditioning
 from ldmkit.config import Config, ConfigError, dump_yaml, to_dict
 from ldmkit.data import build_dataset
 from ldmkit.data.batch import Batch, collate
+from ldmkit.data.decode import DataReport
+from ldmkit.data.latents import LatentCacheDataset, autoencoder_identity, check_cache, data_identity, read_index
 from ldmkit.data.stream import StreamDataset, StreamSampler
 from ldmkit.diffusion.ddpm import DDPM
 from ldmkit.diffusion.flow import FlowMatching
@@ -244,6 +246,25 @@ class Trainer:
             read_source_config(cfg.init.from_)  # the source exists and is a checkpoint, run or weights dir
         if cfg.diffusion.resolution_scale == "auto":  # resolved once; the run's config stores the number
             self.cfg = cfg = replace(cfg, diffusion=replace(cfg.diffusion, resolution_scale=resolution_scale(cfg)))
+        # Data and autoencoder: a bad path, an empty dataset or a mismatched cache fails here.
+        text_on = cfg.cond.semantic == "text"
+        if cfg.data.cache:
+            index = read_index(cfg.data.cache)
+            check_cache(index, data=data_identity(cfg.data), autoencoder=autoencoder_identity(cfg.autoencoder),
+                        text={"encoder": cfg.cond.text.encoder, "length": cfg.cond.text.length} if text_on else None,
+                        directory=cfg.data.cache)
+            a = cfg.autoencoder
+            if a.channel_norm and a.channel_mean is None:  # the run's config stores the statistics it used
+                self.cfg = cfg = replace(cfg, autoencoder=replace(a, channel_mean=index["channel_mean"],
+                                                                  channel_std=index["channel_std"]))
+            self.dataset = LatentCacheDataset(cfg.data.cache, flip_prob=cfg.data.flip_prob, seed=cfg.seed)
+        else:
+            self.dataset = build_dataset(cfg.data, seed=cfg.seed, rank=self.dist.rank,
+                                         world_size=self.dist.world_size, need_caption=text_on)
+        self.autoencoder = build_autoencoder(cfg.autoencoder, device=self.device)
+        self.data_report = DataReport()
+        for issue_list in (getattr(self.dataset, "init_issues", ()),):
+            self.data_report.add(issue_list)
         self.run_dir, resume_from = self._setup_run_dir(resume)
         self._threads_before = torch.get_num_threads()  # restored when fit() ends
         if t.threads > 0:
@@ -253,8 +274,6 @@ class Trainer:
             torch.backends.cudnn.allow_tf32 = t.tf32
         torch.manual_seed(cfg.seed)
 
-        self.dataset = build_dataset(cfg.data, seed=cfg.seed)
-        self.autoencoder = build_autoencoder(cfg.autoencoder.name).to(self.device)
         size = cfg.data.image_size // self.autoencoder.downsample
         self.latent_shape = (self.autoencoder.channels, size, size)
         self.text = build_text_conditioner(cfg.cond.text, self.device) if cfg.cond.semantic == "text" else None
@@ -314,6 +333,7 @@ class Trainer:
         self.telemetry = (Telemetry(self.run_dir, to_dict(cfg), t.tensorboard, t.wandb, t.wandb_project,
                                     t.wandb_mode) if self.main else None)
         self._stop_signal: int | None = None
+        self._grid_captions: list[str] | None = None  # the first batch's captions (text grids by default)
         self._eval_model = None
         self._fid = None  # (InceptionFeatures, reference stats, make_cond), built at the first FID evaluation
 
@@ -390,6 +410,9 @@ class Trainer:
 
     def save(self) -> Path:
         """Gather full state on rank 0 and write it atomically (every rank must call this)."""
+        if self.data_report.counts:  # each rank reports the files it read
+            name = "data_report.json" if not self.dist.enabled else f"data_report.rank{self.dist.rank}.json"
+            self.data_report.save(self.run_dir / name)
         model_state = D.full_model_state(self.model, self.dist)
         ema_state = self.ema.full_state_dict(self.model)
         optimizer_state = D.full_optimizer_state(self.model, self.optimizer, self.dist)
@@ -419,13 +442,21 @@ class Trainer:
 
     def _batches(self) -> Iterator[Batch]:
         cfg = self.cfg
+        pin = self.device.type == "cuda"
+        if isinstance(self.dataset, IterableDataset):  # WebDataset shards: each rank/worker reads its own
+            # An approximate resume: the epoch the position falls in starts again with its shard order.
+            self.dataset.start_epoch = self.data_position // max(cfg.data.num_samples, 1)
+            loader = DataLoader(self.dataset, batch_size=self.micro_batch, collate_fn=collate,
+                                num_workers=cfg.data.num_workers, persistent_workers=cfg.data.num_workers > 0,
+                                pin_memory=pin)
+            return iter(loader)
         sampler = StreamSampler(len(self.dataset), seed=cfg.seed, global_batch=cfg.train.batch_size,
                                 start=self.data_position, rank=self.dist.rank,
                                 world_size=self.dist.world_size)
         loader = DataLoader(
             StreamDataset(self.dataset), batch_size=self.micro_batch, sampler=sampler,
             collate_fn=collate, num_workers=cfg.data.num_workers,
-            persistent_workers=cfg.data.num_workers > 0, pin_memory=self.device.type == "cuda",
+            persistent_workers=cfg.data.num_workers > 0, pin_memory=pin,
         )
         return iter(loader)
 
@@ -440,6 +471,10 @@ class Trainer:
         cond = batch.cond.to(self.device)
         if self.text is None:
             cond = cond.drop_semantic(dropped)
+        elif batch.text is not None:  # cached encoder outputs; a dropped caption becomes the null prompt's
+            cond = replace(cond, class_ids=None, **self.text.from_encoded(
+                batch.text, batch.text_n_valid, batch.text_pooled, dropped=dropped, training=True,
+                device=self.device, eps=pad_noise))
         else:
             keep = (~dropped).tolist()
             captions = [c if k else "" for c, k in zip(batch.captions, keep)]
@@ -469,8 +504,13 @@ class Trainer:
             t0 = time.perf_counter()
             batch = next(batches)
             data_s += time.perf_counter() - t0
+            if batch.issues:
+                self.data_report.add(batch.issues)
+            if self._grid_captions is None:
+                self._grid_captions = list(batch.captions)
             lo = rank_offset + a * m
-            x0 = self.autoencoder.encode(batch.images.to(self.device, non_blocking=True))
+            images = batch.images.to(self.device, non_blocking=True)
+            x0 = self.autoencoder.normalize(images) if batch.latent else self.autoencoder.encode(images)
             cond = self._train_conditioning(batch, dropped[lo : lo + m], ctrl_dropped[lo : lo + m],
                                             None if pad_noise is None else pad_noise[lo : lo + m])
             sync = a == accum - 1  # reduce gradients across ranks once, on the last micro-batch
@@ -545,8 +585,12 @@ class Trainer:
         if self.cfg.sample.prompts:
             return list(self.cfg.sample.prompts)
         captions: list[str] = []
-        for i in range(min(len(self.dataset), 200)):
-            caption = self.dataset[i]["caption"]
+        if self.cfg.data.name == "shapes":  # every caption of the procedural set is known
+            source = self.shapes_dataset()
+            candidates = [source[i]["caption"] for i in range(min(len(source), 200))]
+        else:
+            candidates = self._grid_captions or []
+        for caption in candidates:
             if caption and caption not in captions:
                 captions.append(caption)
             if len(captions) == 8:
@@ -578,6 +622,14 @@ class Trainer:
         D.barrier(self.dist)
         return path
 
+    def shapes_dataset(self):
+        """The procedural ``shapes`` source (for its evaluations), also when training reads a cache of it."""
+        if not isinstance(self.dataset, LatentCacheDataset):
+            return self.dataset
+        if getattr(self, "_shapes", None) is None:
+            self._shapes = build_dataset(self.cfg.data, seed=self.cfg.seed)
+        return self._shapes
+
     def evaluate_shapes(self) -> dict[str, Any] | None:
         from ldmkit.eval.shapes import evaluate_captions, evaluate_generation
 
@@ -588,13 +640,14 @@ class Trainer:
             control = dict(orig_size=s.orig_size, crop=s.crop, flip=s.flip)
             if self.text is None:
                 result = evaluate_generation(
-                    model, self.dataset, per_class=self.cfg.eval.shapes_per_class, control=control,
+                    model, self.shapes_dataset(), per_class=self.cfg.eval.shapes_per_class, control=control,
                     seed=self.cfg.seed + 7, device=self.device, decode=self.autoencoder.decode,
                     **self._sample_kwargs(),
                 )
             else:
                 result = evaluate_captions(
-                    model, self.dataset, self.text, per_caption=self.cfg.eval.shapes_per_caption, control=control,
+                    model, self.shapes_dataset(), self.text, per_caption=self.cfg.eval.shapes_per_caption,
+                    control=control,
                     seed=self.cfg.seed + 7, device=self.device, decode=self.autoencoder.decode,
                     **self._sample_kwargs(),
                 )
@@ -620,7 +673,7 @@ class Trainer:
                     else:
                         from ldmkit.eval.shapes import all_captions
 
-                        captions = [c for c, *_ in all_captions(self.dataset)]
+                        captions = [c for c, *_ in all_captions(self.shapes_dataset())]
                 make_cond, _ = condition_maker(model, self.cfg.data.image_size, e.fid_num_samples, text=self.text,
                                                captions=captions,
                                                control=dict(orig_size=s.orig_size, crop=s.crop, flip=s.flip))
@@ -696,6 +749,9 @@ class Trainer:
                 bar.update(1)
                 if self.step % t.log_every == 0 or self.step == t.steps or out["stop"]:
                     record = window.flush(time.time() - start_time)
+                    if self.data_report.counts:
+                        record.update(data_skipped=self.data_report.skipped,
+                                      data_converted=self.data_report.converted)
                     if self.main:
                         self.telemetry.write(record)
                         bar.set_postfix(loss=f"{record['loss']:.4f}", img_s=f"{record['images_per_s']:.0f}")
