@@ -10,6 +10,8 @@ diffusers is imported only when a latent autoencoder is built, so ldmkit imports
 
 from __future__ import annotations
 
+import importlib.util
+
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -322,6 +324,8 @@ def _load_vae(path: str, subfolder: str | None, dtype: torch.dtype) -> Autoencod
     local = Path(path).expanduser() if _looks_local(path) else None
     try:
         kwargs: dict[str, Any] = {"torch_dtype": dtype}
+        if importlib.util.find_spec("accelerate") is None:  # say so, instead of diffusers warning each load
+            kwargs["low_cpu_mem_usage"] = False
         if subfolder:
             kwargs["subfolder"] = subfolder
         vae = cls.from_pretrained(str(local) if local is not None else path, **kwargs)
