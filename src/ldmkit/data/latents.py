@@ -85,6 +85,17 @@ class MappedShard:
         return json.loads(self.meta.get(key, "[]"))
 
 
+def _mix(seed: int, epoch: int, index: int) -> int:
+    """A 63-bit generator seed for (seed, epoch, index): splitmix64 steps, so nearby keys seed unrelated streams."""
+    x = 0
+    for v in (seed, epoch, index):
+        x = (x ^ (v & 0xFFFFFFFFFFFFFFFF)) + 0x9E3779B97F4A7C15 & 0xFFFFFFFFFFFFFFFF
+        x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9 & 0xFFFFFFFFFFFFFFFF
+        x = (x ^ (x >> 27)) * 0x94D049BB133111EB & 0xFFFFFFFFFFFFFFFF
+        x ^= x >> 31
+    return x >> 1
+
+
 def read_index(directory: str | Path) -> dict[str, Any]:
     """The cache's ``index.json``; a clear error when the directory is not a complete cache."""
     directory = Path(directory)
@@ -173,10 +184,10 @@ class LatentCacheDataset:
             self._shards[k] = MappedShard(self.directory / self.index["shards"][k]["file"])
         return self._shards[k]
 
-    def _draws(self, epoch: int, index: int, numel: int) -> tuple[bool, np.ndarray]:
-        rng = np.random.default_rng([self.seed, int(epoch), int(index), 2])
-        flip = bool(rng.random() < self.flip_prob)
-        return flip, rng.standard_normal(numel, dtype=np.float32)
+    def _draws(self, epoch: int, index: int, numel: int, g: torch.Generator) -> tuple[bool, torch.Tensor]:
+        g.manual_seed(_mix(self.seed, epoch, index))
+        flip = bool(torch.rand((), generator=g) < self.flip_prob)
+        return flip, torch.randn(numel, generator=g)
 
     def get_many(self, keys: Sequence[tuple[int, int]]) -> CachedBatch:
         """The samples at ``(epoch, index)`` keys, as one batch."""
@@ -188,10 +199,11 @@ class LatentCacheDataset:
         C, h, w = self.latent_shape
         numel = C * h * w
         flips = np.empty(len(idx), bool)
-        eps = np.empty((len(idx), numel), np.float32)
-        for i, (e, j) in enumerate(zip(epochs, idx)):
-            flips[i], eps[i] = self._draws(e, j, numel)
-        z = np.empty((len(idx), numel), np.float32)
+        eps = torch.empty((len(idx), numel))
+        g = torch.Generator()  # reseeded per sample: cheaper than a numpy generator per sample
+        for i, (e, j) in enumerate(zip(epochs.tolist(), idx.tolist())):
+            flips[i], eps[i] = self._draws(e, j, numel, g)
+        z = torch.empty((len(idx), numel))
         out: dict[str, np.ndarray] = {}
         fields = ["class_id", "orig_size", "crop", "aspect"] + (
             ["text", "text_n_valid", "text_pooled"] if self.has_text else [])
@@ -203,9 +215,9 @@ class LatentCacheDataset:
             sel, local = sel[order], local[order]
             shard = self.shard(int(k))
             f = flips[sel].astype(np.int64)
-            mean = shard.arrays["mean"][local, f].reshape(len(sel), numel)  # (n, C·h·w)
-            std = shard.arrays["std"][local, f].reshape(len(sel), numel)
-            z[sel] = mean + std * eps[sel]
+            mean = torch.from_numpy(shard.arrays["mean"][local, f].reshape(len(sel), numel))  # (n, C·h·w)
+            std = torch.from_numpy(shard.arrays["std"][local, f].reshape(len(sel), numel))
+            z[torch.from_numpy(sel)] = torch.addcmul(mean.float(), std.float(), eps[torch.from_numpy(sel)])
             for name in fields:
                 a = shard.arrays[name][local]
                 if name not in out:
@@ -221,7 +233,7 @@ class LatentCacheDataset:
             "flip": torch.from_numpy(flips.astype(np.float32)),
             "aspect": torch.from_numpy(out["aspect"]),
         }
-        batch = CachedBatch(latents=torch.from_numpy(z).view(len(idx), C, h, w),
+        batch = CachedBatch(latents=z.view(len(idx), C, h, w),
                             class_ids=torch.from_numpy(out["class_id"]), control=control, captions=captions)
         if self.has_text:
             batch.text = torch.from_numpy(out["text"])
