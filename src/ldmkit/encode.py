@@ -122,7 +122,7 @@ def _unit_samples(source, unit, num_workers: int, batch_size: int) -> Iterator[d
 
 @torch.no_grad()
 def _encode_unit(samples: Iterator[dict[str, Any]], autoencoder, text_encoder, text_length: int,
-                 device: torch.device, batch_size: int, dtype: torch.dtype, bar) -> tuple[dict[str, torch.Tensor], dict[str, str], list[Issue], int]:
+                 device: torch.device, batch_size: int, dtype: torch.dtype, bar, keep_std: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, str], list[Issue], int]:
     means, stds, text, n_valid, pooled = [], [], [], [], []
     meta: dict[str, list] = {"keys": [], "captions": []}
     class_ids, orig, crop, aspect = [], [], [], []
@@ -174,6 +174,8 @@ def _encode_unit(samples: Iterator[dict[str, Any]], autoencoder, text_encoder, t
     else:  # every sample of the shard was bad: an empty shard keeps the numbering
         empty = torch.zeros((0, 2, autoencoder.channels, 1, 1), dtype=dtype)
         tensors = {"mean": empty, "std": empty.clone()}
+    if not keep_std:
+        del tensors["std"]
     tensors.update(class_id=torch.tensor(class_ids, dtype=torch.long),
                    orig_size=torch.tensor(orig, dtype=torch.float32).reshape(n, 2),
                    crop=torch.tensor(crop, dtype=torch.float32).reshape(n, 2),
@@ -247,8 +249,14 @@ def finalize(out: Path, manifest: dict[str, Any], num_classes: int) -> dict[str,
 
 
 def encode_dataset(cfg: Config, out: str | Path | None = None, batch_size: int = 64, shard_size: int = 10_000,
-                   dtype: str = "float16", device: str = "auto", progress: bool = True) -> Path:
-    """Encode ``cfg``'s dataset into a latent cache at ``out`` (default ``data.cache``); returns the directory."""
+                   dtype: str = "float16", device: str = "auto", progress: bool = True, cache_text: bool = True,
+                   posterior: str = "mean_std") -> Path:
+    """Encode ``cfg``'s dataset into a latent cache at ``out`` (default ``data.cache``); returns the directory.
+
+    ``cache_text=False`` leaves a text model's captions to be encoded during training (a large encoder's tokens
+    can outweigh the latents many times over); ``posterior="mean"`` stores the posterior mean only (half the
+    disk; training then uses the mean, as a deterministic encoder would).
+    """
     from tqdm.auto import tqdm
 
     from ldmkit.autoencoders import build_autoencoder
@@ -263,8 +271,11 @@ def encode_dataset(cfg: Config, out: str | Path | None = None, batch_size: int =
         raise ConfigError("--shard-size and --batch-size must be >= 1")
     out = Path(out)
     dist = D.init_distributed(device)
-    text_on = cfg.cond.semantic == "text"
-    source = build_source(cfg, cfg.seed, need_caption=text_on)  # fails here, before any work, on bad paths
+    if posterior not in ("mean_std", "mean"):
+        raise ConfigError(f"--posterior: expected mean_std or mean, got {posterior!r}")
+    need_caption = cfg.cond.semantic == "text"
+    text_on = need_caption and cache_text
+    source = build_source(cfg, cfg.seed, need_caption=need_caption)  # fails here, before any work, on bad paths
     autoencoder = build_autoencoder(cfg.autoencoder, device=dist.device, allow_missing_stats=True)
     text_encoder, text = None, None
     if text_on:
@@ -276,6 +287,7 @@ def encode_dataset(cfg: Config, out: str | Path | None = None, batch_size: int =
                 "pooled_width": text_encoder.pooled_width}
     units = _units(source, shard_size)
     manifest = _manifest(cfg, source, autoencoder, text, shard_size, dtype, units)
+    manifest["posterior"] = posterior
     if dist.is_main:
         _check_manifest(out, manifest)
         out.mkdir(parents=True, exist_ok=True)
@@ -297,7 +309,7 @@ def encode_dataset(cfg: Config, out: str | Path | None = None, batch_size: int =
         samples = _unit_samples(source, units[k], workers, batch_size)
         tensors, metadata, issues, seen = _encode_unit(
             samples, autoencoder, text_encoder, cfg.cond.text.length, dist.device, batch_size,
-            _DTYPES[dtype], bar)
+            _DTYPES[dtype], bar, keep_std=posterior == "mean_std")
         _save_shard(out / shard_name(k), tensors, metadata)
         bar.set_postfix(shard=k, skipped=sum(1 for i in issues if i[1].startswith("skipped")))
     bar.close()

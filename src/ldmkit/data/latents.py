@@ -10,10 +10,12 @@ Layout of a cache directory::
     index.json                 format, source/autoencoder/text identity, shards, channel statistics, report
     shard-00000.safetensors    per sample i of the shard:
         mean, std       (n, 2, C, h, w) float16|float32   [:, 0] as cropped, [:, 1] mirrored; raw VAE space
+                                                           (std absent with `encode --posterior mean`)
         class_id        (n,) int64                         -1 without classes
         orig_size, crop (n, 2) float32                     METHOD.md §3 metadata of the crop
         aspect          (n,) float32
-        text, text_n_valid, text_pooled                    (n, L, D), (n,), (n, D_p): encoder outputs (text only)
+        text, text_n_valid, text_pooled                    (n, L, D), (n,), (n, D_p): encoder outputs (text
+                                                           models, unless `encode --no-text`)
       metadata: "keys", "captions", "issues" (JSON lists)
 
 Latents are stored in the autoencoder's raw space; the trainer normalises them (scale/shift or
@@ -126,14 +128,14 @@ def channel_statistics(sums: np.ndarray, sq_sums: np.ndarray, var_sums: np.ndarr
 def shard_channel_sums(shard: MappedShard) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
     """float64 per-channel Σm, Σm², Σs² over a shard (both flips) and the number of values per channel."""
     m = shard.arrays["mean"]  # (n, 2, C, h, w)
-    s = shard.arrays["std"]
+    s = shard.arrays.get("std")  # absent: a cache of posterior means only
     sums, sq, var = (np.zeros(m.shape[2], np.float64) for _ in range(3))
     for lo in range(0, len(shard), 256):  # in blocks: a shard can exceed memory as float64
         mb = np.asarray(m[lo:lo + 256], dtype=np.float64)
-        sb = np.asarray(s[lo:lo + 256], dtype=np.float64)
         sums += mb.sum((0, 1, 3, 4))
         sq += (mb**2).sum((0, 1, 3, 4))
-        var += (sb**2).sum((0, 1, 3, 4))
+        if s is not None:
+            var += (np.asarray(s[lo:lo + 256], dtype=np.float64) ** 2).sum((0, 1, 3, 4))
     count = float(m.shape[0] * m.shape[1] * m.shape[3] * m.shape[4])
     return sums, sq, var, count
 
@@ -215,9 +217,13 @@ class LatentCacheDataset:
             sel, local = sel[order], local[order]
             shard = self.shard(int(k))
             f = flips[sel].astype(np.int64)
+            rows = torch.from_numpy(sel)
             mean = torch.from_numpy(shard.arrays["mean"][local, f].reshape(len(sel), numel))  # (n, C·h·w)
-            std = torch.from_numpy(shard.arrays["std"][local, f].reshape(len(sel), numel))
-            z[torch.from_numpy(sel)] = torch.addcmul(mean.float(), std.float(), eps[torch.from_numpy(sel)])
+            if "std" in shard.arrays:
+                std = torch.from_numpy(shard.arrays["std"][local, f].reshape(len(sel), numel))
+                z[rows] = torch.addcmul(mean.float(), std.float(), eps[rows])
+            else:  # a cache of means only
+                z[rows] = mean.float()
             for name in fields:
                 a = shard.arrays[name][local]
                 if name not in out:
@@ -275,10 +281,8 @@ def check_cache(index: dict[str, Any], *, data: dict[str, Any], autoencoder: dic
             raise ValueError(f"{where} was encoded with another {key} ({detail}); encode again or point "
                              f"data.cache elsewhere")
     have_text = index.get("text")
-    if text is None:
+    if text is None or have_text is None:  # without cached encodings the trainer encodes the captions
         return
-    if have_text is None:
-        raise ValueError(f"{where} holds no text encodings; cond.semantic=text needs a cache encoded with it")
     if have_text["encoder"] != text["encoder"]:
         raise ValueError(f"{where} holds encodings of {have_text['encoder']!r}; cond.text.encoder is "
                          f"{text['encoder']!r}")
