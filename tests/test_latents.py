@@ -289,3 +289,23 @@ def test_a_cache_of_means_only_and_captions_without_encodings(vae_dir, tmp_path)
     run = shapes_config(vae_dir, cache, "cond.semantic=text", "data.num_samples=12", *TINY_TRAIN,
                         "model.name=mmdit-improved-tiny/2", "train.steps=2", f"run.dir={tmp_path}/run")
     assert train(run, progress=False).steps == 2  # captions encoded on the fly from the cache's metadata
+
+
+@pytest.mark.slow
+def test_torchrun_encodes_the_same_cache_as_one_process(vae_dir, shapes_cache, tmp_path):
+    import subprocess
+    import sys
+
+    cache = tmp_path / "ranks"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "ldmkit.cli",
+           "encode", "autoencoder.name=kl", f"autoencoder.path={vae_dir}", "data.image_size=16",
+           "data.num_samples=40", "data.shapes.colours=[red,green]", f"data.cache={cache}", "--batch-size", "16",
+           "--shard-size", "16", "--dtype", "float32", "--no-progress", "--device", "cpu"]
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    one, two = read_index(shapes_cache), read_index(cache)
+    assert one["shards"] == two["shards"]
+    for s in one["shards"]:  # rank 0 wrote shards 0 and 2, rank 1 shard 1: the same tensors as one process
+        a, b = load_file(str(shapes_cache / s["file"])), load_file(str(cache / s["file"]))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
