@@ -69,6 +69,11 @@ class DataConfig:
     crop_scale: tuple[float, float] = (0.5, 1.0)  # random_resized: crop area / image area, uniform
     crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)  # random_resized: crop aspect w/h, log-uniform
     min_size: int = 0  # skip sources whose short side is below this (0: smaller images are upscaled)
+    # Aspect-ratio buckets (imagenet/folder, center or random crops): non-square crops of about
+    # image_size² pixels, sides multiples of bucket_step, aspect within 1/bucket_max_aspect..bucket_max_aspect.
+    buckets: bool = False
+    bucket_step: int = 64
+    bucket_max_aspect: float = 2.0
     flip_prob: float = 0.5
     num_workers: int = 0
     shuffle_buffer: int = 2000  # webdataset: samples mixed across shards in each worker
@@ -459,6 +464,13 @@ def validate(cfg: Config) -> None:
     need(0 < d.crop_ratio[0] <= d.crop_ratio[1], "data.crop_ratio", f"need 0 < lo <= hi, got {d.crop_ratio}")
     need(d.min_size >= 0 and d.shuffle_buffer >= 0 and d.num_workers >= 0, "data",
          "min_size, shuffle_buffer and num_workers must be >= 0")
+    if d.buckets:
+        need(d.name in ("imagenet", "folder"), "data.buckets", f"takes imagenet or folder data, not {d.name!r}")
+        need(d.crop in ("center", "random"), "data.buckets", f"takes center or random crops, not {d.crop!r}")
+        need(d.cache is None, "data.buckets", "the latent cache stores square crops; unset data.cache")
+        need(d.bucket_step % 8 == 0 and d.image_size % d.bucket_step == 0, "data.bucket_step",
+             f"must be a multiple of 8 that divides data.image_size={d.image_size}, got {d.bucket_step}")
+        need(d.bucket_max_aspect >= 1, "data.bucket_max_aspect", f"must be >= 1, got {d.bucket_max_aspect}")
     need(cfg.eval.shapes_every == 0 or d.name == "shapes", "eval.shapes_every",
          "the shapes evaluation needs data.name=shapes")
     need(cfg.eval.fid_every == 0 or cfg.cond.semantic != "text" or d.name == "shapes"

@@ -323,6 +323,9 @@ class ImageFileDataset:
         self.init_issues: list[Issue] = []
         # Indices whose file failed to decode in this process: (kind, detail); never decoded again.
         self._bad: dict[int, tuple[str, str]] = {}
+        self.buckets: list[tuple[int, int]] | None = None  # aspect-ratio buckets (use_buckets)
+        self.bucket_ids: np.ndarray | None = None
+        self._members: list[np.ndarray] = []  # indices of each bucket, sorted
 
     # ---- per-dataset parts
 
@@ -365,8 +368,9 @@ class ImageFileDataset:
         except Exception as e:  # noqa: BLE001
             raise BadInput("skipped:corrupt", f"{type(e).__name__}: {e}") from None
         rng = np.random.default_rng([self.seed, int(epoch), index, 1])
+        target = None if self.buckets is None else self.buckets[int(self.bucket_ids[index])]
         out, control = resize_crop_flip(img, self.image_size, self.crop, self.flip_prob, rng,
-                                        scale=self.crop_scale, ratio=self.crop_ratio)
+                                        scale=self.crop_scale, ratio=self.crop_ratio, target=target)
         return {
             "image": to_tensor(out),
             "class_id": self._class_id(index),
@@ -379,11 +383,14 @@ class ImageFileDataset:
     def get(self, index: int, epoch: int) -> dict[str, Any]:
         """Sample ``index`` of ``epoch``; an unusable file is reported and replaced by the next index."""
         index = self._check_index(index)
-        n = len(self)
+        # Substitutes come from the same bucket, so that a batch keeps one shape.
+        pool = None if self.bucket_ids is None else self._members[int(self.bucket_ids[index])]
+        start = 0 if pool is None else int(np.searchsorted(pool, index))
+        n = len(self) if pool is None else len(pool)
         issues: list[Issue] = []
         tried: list[str] = []
         for k in range(min(MAX_TRIES, n)):
-            j = (index + k) % n
+            j = (index + k) % n if pool is None else int(pool[(start + k) % n])
             bad = self._bad.get(j)
             if bad is None:
                 try:
@@ -412,6 +419,24 @@ class ImageFileDataset:
             "num_samples": len(self),
             "num_classes": self.num_classes,
         }
+
+    def use_buckets(self, buckets: Sequence[tuple[int, int]]) -> np.ndarray:
+        """Crop every image to the bucket nearest its aspect (``ldmkit.data.buckets``); returns the
+        bucket of every index. Reads each file's header once (unreadable files go to the squarest
+        bucket and are skipped when decoded)."""
+        from ldmkit.data.buckets import image_size_of, nearest_bucket
+
+        if self.crop not in ("center", "random"):
+            raise ValueError(f"data.crop: aspect-ratio buckets take center or random crops, got {self.crop!r}")
+        self.buckets = [(int(h), int(w)) for h, w in buckets]
+        square = nearest_bucket(1, 1, self.buckets)
+        ids = np.empty(len(self), np.int16)
+        for i in range(len(self)):
+            hw = image_size_of(self.path(i))
+            ids[i] = square if hw is None else nearest_bucket(hw[0], hw[1], self.buckets)
+        self.bucket_ids = ids
+        self._members = [np.nonzero(ids == b)[0] for b in range(len(self.buckets))]
+        return ids
 
     # ---- helpers
 

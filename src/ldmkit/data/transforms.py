@@ -33,6 +33,15 @@ def resized_size(h0: int, w0: int, size: int) -> tuple[int, int]:
     return max(size, round(h0 * size / w0)), size
 
 
+def cover_size(h0: int, w0: int, bh: int, bw: int) -> tuple[int, int]:
+    """(h, w) of the aspect-preserving resize that makes an (h0, w0) image just cover a ``bh x bw`` crop
+    (an aspect-ratio bucket); for a square crop this is ``resized_size``."""
+    if bh == bw:
+        return resized_size(h0, w0, bh)
+    s = max(bh / h0, bw / w0)
+    return max(bh, round(h0 * s)), max(bw, round(w0 * s))
+
+
 def center_crop_offset(h: int, w: int, size: int) -> tuple[int, int]:
     """(top, left) of the centred ``size x size`` crop of an (h, w) image; floor for odd leftovers."""
     return (h - size) // 2, (w - size) // 2
@@ -73,10 +82,13 @@ def resize_crop_flip(
     rng: np.random.Generator,
     scale: tuple[float, float] = (0.5, 1.0),
     ratio: tuple[float, float] = (3 / 4, 4 / 3),
+    target: tuple[int, int] | None = None,
 ) -> tuple[Image.Image, dict[str, Any]]:
     """Resize (short side -> ``size``), crop ``size x size`` and randomly flip; return image and metadata.
 
     ``random_resized`` instead resizes a random box (``scale``, ``ratio``) of the source to the square.
+    ``target = (h, w)`` crops that non-square shape instead (an aspect-ratio bucket; center and random
+    crops only), after a resize that makes the image just cover it.
     The random stream is consumed in a fixed order (the crop's draws only for the random modes, then
     always one uniform for the flip), so that e.g. ``flip_prob=0`` and ``flip_prob=1`` give the same
     crop for the same generator state.
@@ -89,6 +101,9 @@ def resize_crop_flip(
         raise ValueError(f"resize_crop_flip: flip_prob must be in [0, 1], got {flip_prob}")
 
     w0, h0 = img.size
+    bh, bw = (size, size) if target is None else (int(target[0]), int(target[1]))
+    if crop == "random_resized" and target is not None:
+        raise ValueError("resize_crop_flip: random_resized crops are square; buckets take center or random")
     if crop == "random_resized":
         if not (0 < scale[0] <= scale[1] <= 1 and 0 < ratio[0] <= ratio[1]):
             raise ValueError(f"resize_crop_flip: need 0 < scale lo <= hi <= 1 and 0 < ratio lo <= hi, "
@@ -107,18 +122,18 @@ def resize_crop_flip(
         }
         return img, meta
 
-    new_h, new_w = resized_size(h0, w0, size)
+    new_h, new_w = cover_size(h0, w0, bh, bw)
     if (new_w, new_h) != (w0, h0):
         # Pillow's BICUBIC resize is antialiased when downscaling (the kernel support is scaled);
         # reducing_gap first box-reduces by an integer factor, which is faster and just as smooth.
         img = img.resize((new_w, new_h), Image.Resampling.BICUBIC, reducing_gap=3.0)
 
     if crop == "center":
-        top, left = center_crop_offset(new_h, new_w, size)
+        top, left = (new_h - bh) // 2, (new_w - bw) // 2
     else:
-        top = int(rng.integers(0, new_h - size + 1))
-        left = int(rng.integers(0, new_w - size + 1))
-    img = img.crop((left, top, left + size, top + size))
+        top = int(rng.integers(0, new_h - bh + 1))
+        left = int(rng.integers(0, new_w - bw + 1))
+    img = img.crop((left, top, left + bw, top + bh))
 
     flip = bool(rng.random() < flip_prob)
     if flip:
@@ -128,7 +143,7 @@ def resize_crop_flip(
         "orig_size": (float(h0), float(w0)),
         "crop": (float(top), float(left)),
         "flip": 1.0 if flip else 0.0,
-        "aspect": 1.0,  # w / h of the (square) crop
+        "aspect": bw / bh,  # w / h of the crop
     }
     return img, meta
 

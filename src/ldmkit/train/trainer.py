@@ -262,9 +262,16 @@ class Trainer:
             self.dataset = build_dataset(cfg.data, seed=cfg.seed, rank=self.dist.rank,
                                          world_size=self.dist.world_size, need_caption=text_on)
         self.autoencoder = build_autoencoder(cfg.autoencoder, device=self.device)
-        self.data_report = DataReport()
-        for issue_list in (getattr(self.dataset, "init_issues", ()),):
-            self.data_report.add(issue_list)
+        self.buckets = None
+        if cfg.data.buckets:  # every file's header is read once here
+            from ldmkit.data.buckets import make_buckets
+
+            self.buckets = make_buckets(cfg.data.image_size, cfg.data.bucket_step, cfg.data.bucket_max_aspect)
+            self._check_buckets()
+            self.dataset.use_buckets(self.buckets)
+        self.data_report = DataReport()  # bad and converted source files, from construction on
+        self.data_report.add(getattr(self.dataset, "init_issues", ()))
+        self._shapes = None  # the shapes source for its evaluations when training reads a cache of it
         self.run_dir, resume_from = self._setup_run_dir(resume)
         self._threads_before = torch.get_num_threads()  # restored when fit() ends
         if t.threads > 0:
@@ -336,6 +343,28 @@ class Trainer:
         self._grid_captions: list[str] | None = None  # the first batch's captions (text grids by default)
         self._eval_model = None
         self._fid = None  # (InceptionFeatures, reference stats, make_cond), built at the first FID evaluation
+
+    def _check_buckets(self) -> None:
+        """Refuse aspect-ratio buckets for a model that takes only square inputs: a meta-device probe of
+        the configured architecture (no weights, no compute) at the two most elongated buckets."""
+        m, ds, text = self.cfg.model, self.autoencoder.downsample, self.cfg.cond.semantic == "text"
+        for h, w in (self.buckets[0], self.buckets[-1]):
+            try:
+                with torch.device("meta"):
+                    model = build_model(m.name, in_channels=self.autoencoder.channels,
+                                        input_size=self.cfg.data.image_size // ds,
+                                        num_classes=0 if text else max(self.dataset.num_classes, 1),
+                                        context_dim=8 if text else 0, depth=m.depth, hidden_size=m.hidden_size,
+                                        num_heads=m.num_heads, patch_size=m.patch_size, mlp_ratio=m.mlp_ratio,
+                                        learn_sigma=m.learn_sigma, qk_norm=m.qk_norm, **m.options)
+                    cond = (Conditioning(text=torch.empty((1, 4, 8))) if text
+                            else Conditioning(class_ids=torch.zeros(1, dtype=torch.long)))
+                    model(torch.empty((1, self.autoencoder.channels, h // ds, w // ds)), torch.empty(1), cond)
+            except Exception as e:
+                raise ConfigError(
+                    f"config key 'data.buckets': {m.name} cannot take {h}x{w} px crops ({e}). Buckets need a "
+                    "model that takes any size: the U-Net, or mmDiT with model.options.pos_embed_max_size "
+                    "covering the longest side in patches") from None
 
     def _fresh_model(self) -> torch.nn.Module:
         """A new, unwrapped instance of the trained architecture, on the training device."""
@@ -450,6 +479,16 @@ class Trainer:
                                 num_workers=cfg.data.num_workers, persistent_workers=cfg.data.num_workers > 0,
                                 pin_memory=pin)
             return iter(loader)
+        if self.buckets is not None:  # every global batch from one bucket
+            from ldmkit.data.buckets import BucketBatchSampler
+
+            batch_sampler = BucketBatchSampler(self.dataset.bucket_ids, cfg.train.batch_size, self.micro_batch,
+                                               seed=cfg.seed, start=self.data_position, rank=self.dist.rank,
+                                               world_size=self.dist.world_size)
+            loader = DataLoader(StreamDataset(self.dataset), batch_sampler=batch_sampler, collate_fn=collate,
+                                num_workers=cfg.data.num_workers, persistent_workers=cfg.data.num_workers > 0,
+                                pin_memory=pin)
+            return iter(loader)
         sampler = StreamSampler(len(self.dataset), seed=cfg.seed, global_batch=cfg.train.batch_size,
                                 start=self.data_position, rank=self.dist.rank,
                                 world_size=self.dist.world_size)
@@ -487,7 +526,15 @@ class Trainer:
         cfg, t = self.cfg, self.cfg.train
         B, m, accum = t.batch_size, self.micro_batch, t.grad_accum
         g = torch.Generator(self.device).manual_seed(step_seed(cfg.seed, self.step))
-        draw = self.objective.draw(B, self.latent_shape, device=self.device, generator=g)
+        t0 = time.perf_counter()
+        first = next(batches)  # its shape is the step's (aspect-ratio buckets change it between steps)
+        first_s = time.perf_counter() - t0
+        if first.latent:
+            shape = tuple(first.images.shape[1:])
+        else:
+            ds = self.autoencoder.downsample
+            shape = (self.latent_shape[0], first.images.shape[2] // ds, first.images.shape[3] // ds)
+        draw = self.objective.draw(B, shape, device=self.device, generator=g)
         dropped = torch.rand(B, device=self.device, generator=g) < cfg.cond.p_drop_semantic
         ctrl_dropped = torch.rand(B, device=self.device, generator=g) < cfg.cond.p_drop_control
         pad_noise = None
@@ -502,8 +549,8 @@ class Trainer:
         rank_offset = self.dist.rank * (B // self.dist.world_size)
         for a in range(accum):
             t0 = time.perf_counter()
-            batch = next(batches)
-            data_s += time.perf_counter() - t0
+            batch = first if a == 0 else next(batches)
+            data_s += first_s if a == 0 else time.perf_counter() - t0
             if batch.issues:
                 self.data_report.add(batch.issues)
             if self._grid_captions is None:
@@ -626,7 +673,7 @@ class Trainer:
         """The procedural ``shapes`` source (for its evaluations), also when training reads a cache of it."""
         if not isinstance(self.dataset, LatentCacheDataset):
             return self.dataset
-        if getattr(self, "_shapes", None) is None:
+        if self._shapes is None:
             self._shapes = build_dataset(self.cfg.data, seed=self.cfg.seed)
         return self._shapes
 
