@@ -295,6 +295,20 @@ def test_flop_count_equals_the_dit_formula():
     assert meta_flops == expected
 
 
+def test_flops_of_the_improved_mmdit_are_counted():
+    """A group without metadata returns its learned null embedding; as a view of a parameter under no_grad
+    it once broke FlopCounterMode's module hooks (no MFU for the paper's model). Without control metadata
+    the improved mmDiT computes what mmDiT computes, so the counts must match."""
+    from ldmkit.conditioning import Conditioning
+
+    counts = {}
+    for name in ("mmdit-tiny/2", "mmdit-improved-tiny/2"):
+        model = build_model(name, in_channels=4, input_size=16, num_classes=10)
+        counts[name] = forward_flops_per_image(model, torch.randn(1, 4, 16, 16), torch.rand(1),
+                                               Conditioning(class_ids=torch.tensor([3])))
+    assert counts["mmdit-tiny/2"] > 0 and counts["mmdit-improved-tiny/2"] == counts["mmdit-tiny/2"]
+
+
 def test_metrics_hold_the_telemetry_and_tensorboard_gets_it(tmp_path):
     pytest.importorskip("tensorboard")
     result = train(load_config(None, [*BASE, "train.steps=4", f"run.dir={tmp_path / 'run'}"]),

@@ -72,7 +72,7 @@ class _GroupEmbedder(nn.Module):
     def forward(self, cond: Conditioning, batch: int, device: torch.device) -> Tensor:
         present = [name in cond.control for name in self.names]
         if not any(present):  # no metadata for this group at all: the learned "unknown" embedding
-            return self.null.expand(batch, -1)
+            return self.null.repeat(batch, 1)  # a copy: a view of a parameter trips no-grad module hooks
         if not all(present):
             missing = [n for n, ok in zip(self.names, present) if not ok]
             raise ValueError(f"control field(s) {missing} missing from cond.control (present: "
