@@ -122,12 +122,12 @@ def _unit_samples(source, unit, num_workers: int, batch_size: int) -> Iterator[d
 
 @torch.no_grad()
 def _encode_unit(samples: Iterator[dict[str, Any]], autoencoder, text_encoder, text_length: int,
-                 device: torch.device, batch_size: int, dtype: torch.dtype, bar, keep_std: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, str], list[Issue], int]:
+                 device: torch.device, batch_size: int, dtype: torch.dtype, bar,
+                 keep_std: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, str], list[Issue]]:
     means, stds, text, n_valid, pooled = [], [], [], [], []
     meta: dict[str, list] = {"keys": [], "captions": []}
     class_ids, orig, crop, aspect = [], [], [], []
     issues: list[Issue] = []
-    seen = 0
 
     def flush(batch: list[dict[str, Any]]) -> None:
         x = torch.stack([s["image"] for s in batch]).to(device)  # (b, 3, H, W) in [-1, 1]
@@ -147,7 +147,6 @@ def _encode_unit(samples: Iterator[dict[str, Any]], autoencoder, text_encoder, t
 
     pending: list[dict[str, Any]] = []
     for s in samples:
-        seen += 1
         if "bad" in s:
             issues.extend(s["bad"])
             bar.update(1)
@@ -187,7 +186,7 @@ def _encode_unit(samples: Iterator[dict[str, Any]], autoencoder, text_encoder, t
                        text_pooled=torch.cat(pooled) if pooled else torch.zeros((0, text_encoder.pooled_width), dtype=dtype))
     metadata = {k: json.dumps(v) for k, v in meta.items()}
     metadata["issues"] = json.dumps(issues)
-    return tensors, metadata, issues, seen
+    return tensors, metadata, issues
 
 
 def _save_shard(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
@@ -307,7 +306,7 @@ def encode_dataset(cfg: Config, out: str | Path | None = None, batch_size: int =
     workers = cfg.data.num_workers
     for k in mine:
         samples = _unit_samples(source, units[k], workers, batch_size)
-        tensors, metadata, issues, seen = _encode_unit(
+        tensors, metadata, issues = _encode_unit(
             samples, autoencoder, text_encoder, cfg.cond.text.length, dist.device, batch_size,
             _DTYPES[dtype], bar, keep_std=posterior == "mean_std")
         _save_shard(out / shard_name(k), tensors, metadata)

@@ -65,6 +65,7 @@ class MappedShard:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         entries, self.meta, base = read_safetensors_layout(self.path)
+        self._parsed: dict[str, list] = {}
         self.arrays: dict[str, np.ndarray] = {}
         for name, e in entries.items():
             dtype = _NP_DTYPES.get(e["dtype"])
@@ -84,7 +85,10 @@ class MappedShard:
         return int(self.arrays["mean"].shape[0])
 
     def json_meta(self, key: str) -> list:
-        return json.loads(self.meta.get(key, "[]"))
+        """A JSON list from the metadata, parsed once (the loader reads a shard's captions every batch)."""
+        if key not in self._parsed:
+            self._parsed[key] = json.loads(self.meta.get(key, "[]"))
+        return self._parsed[key]
 
 
 def _mix(seed: int, epoch: int, index: int) -> int:
