@@ -6,9 +6,45 @@ import argparse
 import json
 import math
 import sys
+import traceback
 from pathlib import Path
 
 from ldmkit.config import ConfigError, load_config
+from ldmkit.errors import TrainingDiverged, UserError
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line, ``ldmkit: error: ...`` (``--help`` shows the usage)."""
+
+    def error(self, message: str):  # type: ignore[override]
+        print(f"ldmkit: error: {message} (see `{self.prog} --help`)", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def _number(kind: type, low: float | None = None, strict: bool = False, high: float | None = None):
+    """An argparse type: an int or a finite float within [low, high] (``strict``: above ``low``)."""
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"expected {'an integer' if kind is int else 'a number'}, got {text!r}") from None
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+        if low is not None and (value <= low if strict else value < low):
+            raise argparse.ArgumentTypeError(f"must be {'>' if strict else '>='} {low:g}, got {text}")
+        if high is not None and value > high:
+            raise argparse.ArgumentTypeError(f"must be <= {high:g}, got {text}")
+        return value
+
+    return parse
+
+
+POSITIVE_INT = _number(int, 1)
+NON_NEGATIVE_INT = _number(int, 0)
 
 
 def _split_config_and_overrides(args: argparse.Namespace) -> tuple[str | None, list[str]]:
@@ -89,13 +125,32 @@ def _sample_settings(args: argparse.Namespace, cfg, model) -> dict:
 
 
 def _pair(text: str, what: str) -> tuple[float, float]:
-    """ "H,W" -> (H, W) for --size / --crop / --interval."""
+    """ "H,W" -> (H, W) for --size / --crop / --interval, each checked for its flag."""
     parts = text.replace("x", ",").split(",")
     try:
         a, b = (float(v) for v in parts)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{what}: expected two numbers like 64,64, got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"expected two numbers like 64,64, got {text!r}") from None
+    if not (math.isfinite(a) and math.isfinite(b)):
+        raise argparse.ArgumentTypeError(f"expected finite numbers, got {text!r}")
+    if what == "--size" and min(a, b) <= 0:
+        raise argparse.ArgumentTypeError(f"the original size H,W must be > 0, got {text!r}")
+    if what == "--crop" and min(a, b) < 0:
+        raise argparse.ArgumentTypeError(f"the crop TOP,LEFT must be >= 0, got {text!r}")
+    if what == "--interval" and not 0 <= a < b <= 1:
+        raise argparse.ArgumentTypeError(f"need LO,HI with 0 <= LO < HI <= 1 (t = 1 is noise), got {text!r}")
     return a, b
+
+
+def _image_path(text: str) -> str:
+    if not text.lower().endswith(IMAGE_SUFFIXES):
+        raise argparse.ArgumentTypeError(f"expected an image file name ending in {', '.join(IMAGE_SUFFIXES)}, "
+                                         f"got {text!r}")
+    return text
+
+
+def _sizes(text: str) -> list[int]:
+    return [POSITIVE_INT(v) for v in text.split(",")]
 
 
 def _control_settings(args: argparse.Namespace, cfg) -> dict:
@@ -197,15 +252,15 @@ def cmd_eval_shapes(args: argparse.Namespace) -> int:
     result["ema"] = not args.no_ema
     print(format_report(result))
     out = Path(args.out) if args.out else ckpt / "eval_shapes.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
     print(f"Wrote {out}")
     return 0
 
 
 def cmd_eval_disentangle(args: argparse.Namespace) -> int:
-    from ldmkit.eval.disentangle import evaluate_disentanglement, format_disentanglement
-
     from ldmkit.data import build_dataset
+    from ldmkit.eval.disentangle import evaluate_disentanglement, format_disentanglement
 
     ckpt, model, cfg, device = _load_for_sampling(args)
     control = _control_settings(args, cfg)
@@ -221,6 +276,7 @@ def cmd_eval_disentangle(args: argparse.Namespace) -> int:
         print(f"note: {result['note']}")
     print(format_disentanglement(result))
     out = Path(args.out) if args.out else ckpt / "eval_disentangle.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
     figure.save(out.with_suffix(".png"))
     print(f"Wrote {out} and {out.with_suffix('.png')} (rows: samples, columns: size conditions {result['sizes']})")
@@ -251,7 +307,7 @@ def cmd_eval_fid(args: argparse.Namespace) -> int:
 
     from ldmkit.autoencoders import build_autoencoder
     from ldmkit.data import build_dataset
-    from ldmkit.eval.inception import InceptionFeatures, resolve_inception_weights
+    from ldmkit.eval.inception import InceptionFeatures, load_fid_inception, resolve_inception_weights
     from ldmkit.eval.protocol import (Protocol, condition_maker, generate_eval_set, merge_parts, score_samples,
                                       write_result)
     from ldmkit.sampling import settings_record
@@ -262,7 +318,8 @@ def cmd_eval_fid(args: argparse.Namespace) -> int:
     if not Path(args.ref).is_file():
         raise ConfigError(f"--ref: reference statistics {args.ref!r} do not exist (make them with `ldmkit eval "
                           "stats`, or download an ADM reference batch, see docs/evaluation.md)")
-    weights = resolve_inception_weights(args.inception)  # fail before hours of sampling, not after
+    weights = resolve_inception_weights(args.inception)
+    load_fid_inception(weights)  # a wrong or damaged file fails now, not after hours of sampling
     dist = D.init_distributed(args.device)
     args.device = str(dist.device)
     try:
@@ -425,8 +482,7 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    import torch
-
+    from ldmkit.files import read_torch_file
     from ldmkit.models import convert
     from ldmkit.train.checkpoint import load_model, save_weights
 
@@ -446,7 +502,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
     else:  # from-official-dit
         from ldmkit.models.convert_dit import from_official
 
-        state = torch.load(args.source, map_location="cpu", weights_only=True)
+        state = read_torch_file(args.source, "official DiT checkpoint")
         save_weights(from_official(state), out)
         print(f"Wrote ldmkit dit weights to {out} (model.json + model.safetensors)")
     return 0
@@ -456,10 +512,12 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", required=True, help="checkpoint directory, or a run directory (newest checkpoint)")
     p.add_argument("--sampler", choices=["euler", "heun", "ddim", "ancestral"],
                    help="default: the run's sample.sampler (flow: euler/heun; ddpm: ddim/ancestral)")
-    p.add_argument("--eta", type=float, help="ddim: 0 deterministic, 1 stochastic (default: sample.ddim_eta)")
-    p.add_argument("--steps", type=int, help="sampler steps (default: the run's sample.steps)")
-    p.add_argument("--guidance", type=float, help="semantic guidance scale w_sem (1 = none; default: the run's)")
-    p.add_argument("--control-guidance", type=float,
+    p.add_argument("--eta", type=_number(float, 0, high=1),
+                   help="ddim: 0 deterministic, 1 stochastic (default: sample.ddim_eta)")
+    p.add_argument("--steps", type=POSITIVE_INT, help="sampler steps (default: the run's sample.steps)")
+    p.add_argument("--guidance", type=_number(float, 0),
+                   help="semantic guidance scale w_sem (1 = none; default: the run's)")
+    p.add_argument("--control-guidance", type=_number(float, 0),
                    help="control guidance scale w_ctrl (1 = ordinary guidance; default: the run's)")
     p.add_argument("--interval", type=lambda v: _pair(v, "--interval"),
                    help="guide only for t in LO,HI (t = 1 noise), e.g. 0.1,0.9")
@@ -467,14 +525,16 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
                    help="original-size condition H,W in pixels (default: the target size)")
     p.add_argument("--crop", type=lambda v: _pair(v, "--crop"), help="crop condition TOP,LEFT in pixels (default 0,0)")
     p.add_argument("--flip", type=int, choices=[0, 1], help="flip condition (default 0)")
-    p.add_argument("--shift", type=float, help="time-grid shift (default: the run's sample.shift)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--shift", type=_number(float, 0, strict=True),
+                   help="time-grid shift (default: the run's sample.shift)")
+    p.add_argument("--seed", type=NON_NEGATIVE_INT, default=0)
     p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA")
     p.add_argument("--device", default="auto")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ldmkit", description=__doc__)
+    parser = _Parser(prog="ldmkit", description=__doc__)
+    parser.add_argument("--debug", action="store_true", help="show the traceback of any error")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="train a model from a YAML recipe",
@@ -496,8 +556,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", nargs="?", help="the run's YAML recipe")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. data.cache=/data/latents")
     p.add_argument("--out", help="cache directory (default: data.cache)")
-    p.add_argument("--batch-size", type=int, default=64, help="images per autoencoder call (per process)")
-    p.add_argument("--shard-size", type=int, default=10_000,
+    p.add_argument("--batch-size", type=POSITIVE_INT, default=64, help="images per autoencoder call (per process)")
+    p.add_argument("--shard-size", type=POSITIVE_INT, default=10_000,
                    help="samples per output shard of an image folder (WebDataset: one output shard per tar)")
     p.add_argument("--dtype", choices=["float16", "float32"], default="float16", help="storage precision")
     p.add_argument("--posterior", choices=["mean_std", "mean"], default="mean_std",
@@ -513,17 +573,18 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sampling_args(p)
     p.add_argument("--class", dest="cls", help="class id or name (e.g. 3 or 'red circle'); default: all classes")
     p.add_argument("--prompt", action="append", help="text models: a prompt (repeat for several; samples cycle)")
-    p.add_argument("--num", type=int, default=16)
-    p.add_argument("--ncol", type=int, help="grid columns (default: square grid)")
-    p.add_argument("--out", default="samples.png")
+    p.add_argument("--num", type=POSITIVE_INT, default=16)
+    p.add_argument("--ncol", type=POSITIVE_INT, help="grid columns (default: square grid)")
+    p.add_argument("--out", type=_image_path, default="samples.png", help="image file (.png, .jpg, ...)")
     p.set_defaults(func=cmd_sample)
 
     p = sub.add_parser("eval", help="evaluate a checkpoint")
     esub = p.add_subparsers(dest="metric", required=True)
     e = esub.add_parser("shapes", help="analytic colour/shape accuracy of samples of a model trained on shapes")
     _add_sampling_args(e)
-    e.add_argument("--per-class", type=int, default=32, help="samples per class (class-conditional models)")
-    e.add_argument("--per-caption", type=int, default=2, help="samples per caption (text models; 162 captions)")
+    e.add_argument("--per-class", type=POSITIVE_INT, default=32, help="samples per class (class-conditional models)")
+    e.add_argument("--per-caption", type=POSITIVE_INT, default=2,
+                   help="samples per caption (text models; 162 captions)")
     e.add_argument("--out", help="JSON path (default: CHECKPOINT/eval_shapes.json)")
     e.set_defaults(func=cmd_eval_shapes)
 
@@ -532,10 +593,10 @@ def build_parser() -> argparse.ArgumentParser:
                                     "conditions and report the mean pairwise LPIPS (all sizes) and LPIPS/HR (the "
                                     "three largest); on shapes also how often colour/shape/position stay the same.")
     _add_sampling_args(e)
-    e.add_argument("--sizes", type=lambda v: [int(x) for x in v.split(",")],
+    e.add_argument("--sizes", type=_sizes,
                    help="size conditions in pixels (default: the paper's 64,128,256,512,1024 scaled by "
                         "image_size/256)")
-    e.add_argument("--num", type=int, default=64, help="samples (each generated at every size)")
+    e.add_argument("--num", type=POSITIVE_INT, default=64, help="samples (each generated at every size)")
     e.add_argument("--class", dest="cls", help="class models: one class (default: cycle through all)")
     e.add_argument("--prompt", action="append", help="text models: prompts (default on shapes: every caption)")
     e.add_argument("--lpips-backbone", help="alexnet-owt-7be5be79.pth (default: env/torch hub cache)")
@@ -549,16 +610,17 @@ def build_parser() -> argparse.ArgumentParser:
                                     ".npz and score them against --ref with the FID Inception-v3. The metrics and the "
                                     "full protocol go to OUT/metrics.json (docs/evaluation.md).")
     _add_sampling_args(e)
-    e.add_argument("--num-samples", type=int, default=50_000)
+    e.add_argument("--num-samples", type=_number(int, 2), default=50_000)
     e.add_argument("--ref", required=True, help="reference .npz: mu/sigma (ADM reference batch or `eval stats`), "
                                                 "images arr_0 and/or features for precision/recall")
     e.add_argument("--out", help="output directory (default: CHECKPOINT/eval_fid_<N>); an existing one resumes")
     e.add_argument("--captions", help="text models: caption set, one per line (default on shapes: its captions)")
-    e.add_argument("--chunk", type=int, default=1000, help="images per resumable chunk (part of the protocol)")
-    e.add_argument("--batch-size", type=int, default=250, help="sampling batch size")
+    e.add_argument("--chunk", type=POSITIVE_INT, default=1000,
+                   help="images per resumable chunk (part of the protocol)")
+    e.add_argument("--batch-size", type=POSITIVE_INT, default=250, help="sampling batch size")
     e.add_argument("--inception", help="FID Inception weights (default: $LDMKIT_INCEPTION_WEIGHTS or the torch "
                                        "hub cache)")
-    e.add_argument("--inception-batch", type=int, default=200)
+    e.add_argument("--inception-batch", type=POSITIVE_INT, default=200)
     e.add_argument("--no-pr", action="store_true", help="skip precision/recall")
     e.add_argument("--inception-score", action="store_true", help="also the Inception Score")
     e.add_argument("--clip", help="text models: also CLIPScore with this CLIP model (hub id or local directory, "
@@ -570,9 +632,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("source", help="image folder, .npz with arr_0 images, or a YAML recipe (its dataset)")
     e.add_argument("overrides", nargs="*", help="recipe overrides, e.g. data.image_size=32")
     e.add_argument("--out", required=True, help="output .npz (ADM keys mu, sigma; plus features, and arr_0 for a recipe)")
-    e.add_argument("--num", type=int, default=50_000, help="recipe sources: images to draw from the dataset")
+    e.add_argument("--num", type=POSITIVE_INT, default=50_000, help="recipe sources: images to draw from the dataset")
     e.add_argument("--inception", help="FID Inception weights (default: $LDMKIT_INCEPTION_WEIGHTS or the torch hub cache)")
-    e.add_argument("--batch-size", type=int, default=200)
+    e.add_argument("--batch-size", type=POSITIVE_INT, default=200)
     e.add_argument("--device", default="auto")
     e.add_argument("--overwrite", action="store_true")
     e.set_defaults(func=cmd_eval_stats)
@@ -583,7 +645,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("file", help="ablation YAML (see configs/ablations/)")
     p.add_argument("overrides", nargs="*", help="key=value overrides for every variant (e.g. train.steps=200)")
     p.add_argument("--out", help="output directory (default runs/ablation-<name>-<time>; reuse one to continue)")
-    p.add_argument("--disentangle-num", type=int, default=64, help="samples of the disentanglement score")
+    p.add_argument("--disentangle-num", type=POSITIVE_INT, default=64, help="samples of the disentanglement score")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_ablate)
 
@@ -599,7 +661,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("models", help="list the named models with parameter counts and GFLOPs")
     p.add_argument("filter", nargs="?", help="only names containing this text (e.g. dit-xl)")
-    p.add_argument("--resolutions", type=int, nargs="+", default=[256, 512], help="pixel resolutions")
+    p.add_argument("--resolutions", type=POSITIVE_INT, nargs="+", default=[256, 512], help="pixel resolutions")
     p.set_defaults(func=cmd_models)
 
     p = sub.add_parser("convert", help="convert weights to/from diffusers or the official DiT layout")
@@ -614,21 +676,31 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Errors of the user's making: one line, exit status 2 (a diverged run: 3). Anything else is a bug and
+# shows its traceback. The OS errors are about files the user named (missing, unreadable, not a folder).
+USER_ERRORS = (UserError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError,
+               PermissionError)
+
+
+def _one_line(error: BaseException) -> str:
+    return " ".join(line.strip() for line in str(error).splitlines() if line.strip()) or type(error).__name__
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # key=value overrides may also come after options (`train CFG --resume auto run.dir=X`)
+    if extra and hasattr(args, "overrides") and all("=" in a and not a.startswith("-") for a in extra):
+        args.overrides = [*args.overrides, *extra]
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return args.func(args)
-    except (ConfigError, FileNotFoundError) as e:
-        print(f"ldmkit: error: {e}", file=sys.stderr)
-        return 2
-    except RuntimeError as e:
-        if type(e).__name__ == "RunDirError":
-            print(f"ldmkit: error: {e}", file=sys.stderr)
-            return 2
-        if type(e).__name__ == "TrainingDiverged":
-            print(f"ldmkit: training stopped: {e}", file=sys.stderr)
-            return 3
-        raise
+    except USER_ERRORS as e:
+        if args.debug:
+            traceback.print_exc()
+        print(f"ldmkit: error: {_one_line(e)}", file=sys.stderr)
+        return 3 if isinstance(e, TrainingDiverged) else 2
     except KeyboardInterrupt:
         return 130
 

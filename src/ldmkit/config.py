@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import keyword
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -19,8 +20,10 @@ from typing import Any, Literal, Optional, Union
 
 import yaml
 
+from ldmkit.errors import UserError
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError, ValueError):
     """A configuration key or value that is not valid."""
 
 
@@ -197,7 +200,13 @@ class TrainConfig:
     parallel: Literal["auto", "none", "ddp", "fsdp"] = "auto"  # auto: DDP when launched on >1 rank
     device: str = "auto"  # auto | cpu | cuda | cuda:N (under torchrun: the local rank's GPU)
     threads: int = 0  # torch intra-op threads on CPU; 0 keeps torch's default
-    max_consecutive_skips: int = 20  # stop (with a checkpoint) after this many non-finite steps in a row
+    # Divergence guard (train/guard.py): a step whose loss or gradient is not finite, or whose loss is over
+    # loss_spike_factor x the running median, is skipped; the run stops after max_consecutive_skips such
+    # steps in a row, or when the weights stop being finite or grow past max_weight_growth x their norm
+    # at the last checkpoint interval.
+    max_consecutive_skips: int = 20
+    loss_spike_factor: float = 20.0  # 0: no spike test
+    max_weight_growth: float = 10.0  # 0: only non-finite weights stop a run
     log_every: int = 50
     sample_every: int = 1000  # EMA sample grid every N steps (0: only at the end)
     checkpoint_every: int = 1000
@@ -338,10 +347,6 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
         if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
             raise ConfigError(f"config key {key!r}: expected a mapping of names to values, got {value!r}")
         return dict(value)
-    if origin is dict:
-        if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
-            raise ConfigError(f"config key {key!r}: expected a mapping of names to values, got {value!r}")
-        return dict(value)
     if origin in (list, tuple):
         if isinstance(value, str):  # "a,b" on the command line
             value = [yaml.safe_load(v) for v in value.split(",")]
@@ -373,6 +378,8 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
         raise err
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if not math.isfinite(value):  # .nan, .inf: never a meaningful setting
+                raise ConfigError(f"config key {key!r}: expected a finite number, got {value!r}")
             return float(value)
         raise err
     if tp is str:
@@ -451,6 +458,19 @@ def validate(cfg: Config) -> None:
     need(t.batch_size % t.grad_accum == 0, "train.batch_size",
          f"{t.batch_size} is not divisible by train.grad_accum={t.grad_accum}")
     need(t.max_consecutive_skips >= 1, "train.max_consecutive_skips", "must be >= 1")
+    need(t.loss_spike_factor == 0 or t.loss_spike_factor > 1, "train.loss_spike_factor",
+         f"must be 0 (off) or > 1, got {t.loss_spike_factor}")
+    need(t.max_weight_growth == 0 or t.max_weight_growth > 1, "train.max_weight_growth",
+         f"must be 0 (off) or > 1, got {t.max_weight_growth}")
+    need(t.weight_decay >= 0, "train.weight_decay", f"must be >= 0, got {t.weight_decay}")
+    need(0 <= t.min_lr_ratio <= 1, "train.min_lr_ratio", f"must lie in [0, 1], got {t.min_lr_ratio}")
+    need(t.keep_checkpoints >= 0, "train.keep_checkpoints", f"must be >= 0 (0 keeps all), got {t.keep_checkpoints}")
+    need(t.threads >= 0, "train.threads", f"must be >= 0 (0: torch's default), got {t.threads}")
+    need(t.peak_tflops is None or t.peak_tflops > 0, "train.peak_tflops", f"must be > 0, got {t.peak_tflops}")
+    need(cfg.seed >= 0, "seed", f"must be >= 0, got {cfg.seed}")
+    name = cfg.run.name
+    need(bool(name) and name not in (".", "..") and not any(c in name for c in "/\\\0"), "run.name",
+         f"must be a plain name (no '/', not '.' or '..'; runs go to runs/<name>-<time>), got {name!r}")
     d = cfg.data
     need(d.image_size >= 8, "data.image_size", f"must be >= 8, got {d.image_size}")
     need(0 <= d.flip_prob <= 1, "data.flip_prob", f"must lie in [0, 1], got {d.flip_prob}")
@@ -492,6 +512,14 @@ def validate(cfg: Config) -> None:
          f"must be positive (h, w), got {cfg.sample.orig_size}")
     need(min(cfg.sample.crop) >= 0, "sample.crop", f"must be (top, left) >= 0, got {cfg.sample.crop}")
     need(cfg.eval.shapes_per_caption >= 1, "eval.shapes_per_caption", "must be >= 1")
+    need(cfg.eval.shapes_per_class >= 1, "eval.shapes_per_class", "must be >= 1")
+    need(cfg.eval.shapes_every >= 0, "eval.shapes_every", f"must be >= 0, got {cfg.eval.shapes_every}")
+    sm = cfg.sample
+    need(sm.guidance >= 0, "sample.guidance", f"must be >= 0 (1: no guidance), got {sm.guidance}")
+    need(sm.control_guidance >= 0, "sample.control_guidance", f"must be >= 0, got {sm.control_guidance}")
+    need(0 <= sm.ddim_eta <= 1, "sample.ddim_eta", f"must lie in [0, 1], got {sm.ddim_eta}")
+    need(sm.grid_rows >= 1, "sample.grid_rows", f"must be >= 1, got {sm.grid_rows}")
+    need(sm.grid_classes >= 0, "sample.grid_classes", f"must be >= 0 (0: every class), got {sm.grid_classes}")
     need(cfg.eval.fid_every >= 0, "eval.fid_every", f"must be >= 0, got {cfg.eval.fid_every}")
     need(cfg.eval.fid_num_samples >= 2, "eval.fid_num_samples", f"must be >= 2, got {cfg.eval.fid_num_samples}")
     need(cfg.eval.fid_every == 0 or cfg.eval.fid_ref is not None, "eval.fid_ref",
@@ -522,7 +550,8 @@ def validate(cfg: Config) -> None:
          "give either init.class_map or init.source_classes + init.target_classes, not both")
     need((cfg.init.source_classes is None) == (cfg.init.target_classes is None), "init.source_classes",
          "init.source_classes and init.target_classes go together")
-    from ldmkit.models import DATA_KEYS, list_models  # late: models import torch, configs should not need to
+    # late: models import torch, configs should not need to
+    from ldmkit.models import DATA_KEYS, PRESETS, constructor_keys, list_models
 
     own = {f.name for f in dataclasses.fields(ModelConfig)} - {"options", "name"}
     for k in cfg.model.options:
@@ -536,6 +565,28 @@ def validate(cfg: Config) -> None:
             f"config key 'model.name': unknown model {cfg.model.name!r}"
             + (f"; did you mean {', '.join(map(repr, close))}?" if close else f"; valid: {names}")
         )
+    if cfg.model.options:
+        arch = PRESETS[cfg.model.name.lower()]["arch"]
+        accepted = constructor_keys(arch)
+        for k in cfg.model.options:
+            close = difflib.get_close_matches(k, accepted, n=3, cutoff=0.5)
+            need(k in accepted, f"model.options.{k}", f"{cfg.model.name} ({arch}) takes no option {k!r}"
+                 + (f"; did you mean {', '.join(map(repr, close))}?" if close else ""))
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """YAML's safe loader, except that a key given twice in one mapping is an error (YAML keeps the last
+    one silently, so a second ``train:`` section would drop the first)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} appears twice (first on line {seen[key] + 1})", key_node.start_mark)
+            seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep=deep)
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
@@ -547,9 +598,12 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
             raise ConfigError(f"config file {str(path)!r} does not exist")
         with open(path) as f:
             try:
-                data = yaml.safe_load(f) or {}
-            except yaml.YAMLError as e:
-                raise ConfigError(f"config file {str(path)!r} is not valid YAML: {e}") from e
+                data = yaml.load(f, Loader=_StrictLoader) or {}
+            except yaml.YAMLError as e:  # one line: the problem and where it is
+                mark = getattr(e, "problem_mark", None)
+                where = f" (line {mark.line + 1})" if mark is not None else ""
+                problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+                raise ConfigError(f"config file {str(path)!r} is not valid YAML: {problem}{where}") from None
         if not isinstance(data, dict):
             raise ConfigError(f"config file {str(path)!r} must hold a mapping at the top level")
         _apply_mapping(cfg, data, "")
@@ -592,5 +646,7 @@ def from_dict(data: dict[str, Any]) -> Config:
 
 
 def dump_yaml(cfg: Config, path: str | Path) -> None:
-    with open(path, "w") as f:
-        yaml.safe_dump(to_dict(cfg), f, sort_keys=False)
+    """Write the resolved config as YAML, atomically (a half-written config.yaml would strand a run)."""
+    from ldmkit.files import atomic_write_text
+
+    atomic_write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))

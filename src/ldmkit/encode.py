@@ -29,6 +29,7 @@ from ldmkit.data.latents import (
     FORMAT, INDEX, VERSION, MappedShard, autoencoder_identity, channel_statistics, data_identity,
     shard_channel_sums, shard_name, write_index,
 )
+from ldmkit.errors import DataError
 
 MANIFEST = "encode.json"  # what is being encoded; a second job into the same directory must match it
 _DTYPES = {"float16": torch.float16, "float32": torch.float32}
@@ -216,7 +217,7 @@ def _check_manifest(out: Path, manifest: dict[str, Any]) -> None:
     have = json.loads(path.read_text())
     diff = sorted(k for k in set(have) | set(manifest) if have.get(k) != manifest.get(k))
     if diff:
-        raise ValueError(f"{str(out)!r} holds a cache of something else (differs in: {', '.join(diff)}); "
+        raise DataError(f"{str(out)!r} holds a cache of something else (differs in: {', '.join(diff)}); "
                          "encode into a new directory (a cache is never overwritten)")
 
 
@@ -236,7 +237,7 @@ def finalize(out: Path, manifest: dict[str, Any], num_classes: int) -> dict[str,
             sums, sq, var = (s, q, v) if sums is None else (sums + s, sq + q, var + v)
             count += c
     if latent_shape is None:
-        raise ValueError(f"{str(out)!r}: no sample could be encoded; see data_report.json")
+        raise DataError(f"{str(out)!r}: no sample could be encoded; see data_report.json")
     mean, std = channel_statistics(sums, sq, var, count)
     report.save(out / "data_report.json")
     index = {**manifest, "shards": shards, "num_samples": sum(s["count"] for s in shards),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from ldmkit.config import DataConfig
+from ldmkit.errors import DataError
 
 
 def build_dataset(cfg: DataConfig, seed: int, rank: int = 0, world_size: int = 1, need_caption: bool = False,
@@ -32,4 +33,4 @@ def build_dataset(cfg: DataConfig, seed: int, rank: int = 0, world_size: int = 1
 
         return build_shard_source(cfg, seed=seed, rank=rank, world_size=world_size, need_caption=need_caption,
                                   start_epoch=start_epoch)
-    raise ValueError(f"data.name: unknown dataset {cfg.name!r}; available: shapes, imagenet, folder, webdataset")
+    raise DataError(f"data.name: unknown dataset {cfg.name!r}; available: shapes, imagenet, folder, webdataset")

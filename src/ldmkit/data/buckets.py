@@ -19,6 +19,8 @@ import numpy as np
 from PIL import Image
 from torch.utils.data import Sampler
 
+from ldmkit.errors import DataError
+
 _ROTATED = (5, 6, 7, 8)  # EXIF orientations that swap width and height
 
 
@@ -83,7 +85,7 @@ class BucketBatchSampler(Sampler[list[tuple[int, int]]]):
         sizes = np.bincount(self.bucket_ids) if len(self.bucket_ids) else np.zeros(0, int)
         self.batches_per_epoch = int((sizes // global_batch).sum())
         if self.batches_per_epoch == 0:
-            raise ValueError(f"data.buckets: no bucket holds a full global batch of {global_batch} "
+            raise DataError(f"data.buckets: no bucket holds a full global batch of {global_batch} "
                              f"(bucket sizes {sizes.tolist()}); lower train.batch_size or data.bucket_max_aspect")
         self._epoch, self._plan = -1, np.empty((0, global_batch), np.int64)
 

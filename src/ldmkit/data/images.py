@@ -30,6 +30,7 @@ import numpy as np
 from ldmkit.config import DataConfig
 from ldmkit.data.decode import IMAGE_EXTENSIONS, BadInput, Issue, open_rgb
 from ldmkit.data.transforms import CROP_MODES, resize_crop_flip, to_tensor
+from ldmkit.errors import DataError
 
 PathLike = str | os.PathLike
 
@@ -100,31 +101,37 @@ def _is_image_name(name: str) -> bool:
 def _check_root(root: PathLike) -> str:
     path = os.fspath(root)
     if not os.path.exists(path):
-        raise ValueError(f"data.path: '{path}' does not exist")
+        raise DataError(f"data.path: '{path}' does not exist")
     if not os.path.isdir(path):
-        raise ValueError(f"data.path: '{path}' is not a directory")
+        raise DataError(f"data.path: '{path}' is not a directory")
     return path
 
 
 def _check_file(path: PathLike, key: str) -> str:
     path = os.fspath(path)
     if not os.path.exists(path):
-        raise ValueError(f"{key}: '{path}' does not exist")
+        raise DataError(f"{key}: '{path}' does not exist")
     if not os.path.isfile(path):
-        raise ValueError(f"{key}: '{path}' is not a file")
+        raise DataError(f"{key}: '{path}' is not a file")
     return path
 
 
 def _subfolders(root: str) -> list[str]:
     """Sorted names of the non-hidden directories in ``root`` (symlinks to directories included)."""
-    with os.scandir(root) as entries:
-        return sorted(e.name for e in entries if not e.name.startswith(".") and e.is_dir())
+    try:
+        with os.scandir(root) as entries:
+            return sorted(e.name for e in entries if not e.name.startswith(".") and e.is_dir())
+    except OSError as e:
+        raise DataError(f"data.path: cannot list '{root}' ({e.strerror or e})") from None
 
 
 def _image_files(folder: str) -> list[str]:
     """Sorted names of the image files directly in ``folder`` (extension case-insensitive, no hidden)."""
-    with os.scandir(folder) as entries:
-        return sorted(e.name for e in entries if _is_image_name(e.name) and e.is_file())
+    try:
+        with os.scandir(folder) as entries:
+            return sorted(e.name for e in entries if _is_image_name(e.name) and e.is_file())
+    except OSError as e:  # e.g. a class folder without read permission: not a silently empty class
+        raise DataError(f"data.path: cannot read class folder '{folder}' ({e.strerror or e})") from None
 
 
 def _rel_key(path: str, root: str) -> str:
@@ -427,7 +434,7 @@ class ImageFileDataset:
         from ldmkit.data.buckets import image_size_of, nearest_bucket
 
         if self.crop not in ("center", "random"):
-            raise ValueError(f"data.crop: aspect-ratio buckets take center or random crops, got {self.crop!r}")
+            raise DataError(f"data.crop: aspect-ratio buckets take center or random crops, got {self.crop!r}")
         self.buckets = [(int(h), int(w)) for h, w in buckets]
         square = nearest_bucket(1, 1, self.buckets)
         ids = np.empty(len(self), np.int16)
@@ -456,7 +463,7 @@ class ImageFileDataset:
             except BadInput as e:
                 self._bad[i] = (e.kind, e.detail)
                 failures.append(f"{self.key(i)}: {e.kind} ({e.detail})")
-        raise ValueError(f"data.path: '{self.root}' holds no usable sample: none of its first {len(failures)} "
+        raise DataError(f"data.path: '{self.root}' holds no usable sample: none of its first {len(failures)} "
                          f"files could be used (data.min_size={self.min_size}): {'; '.join(failures[:3])}"
                          + (" ..." if len(failures) > 3 else ""))
 
@@ -488,7 +495,7 @@ class ImageFolderDataset(ImageFileDataset):
             unknown = [f for f in folders if f not in ids]
             if unknown:
                 listed = ", ".join(f"'{f}'" for f in unknown[:5]) + (" ..." if len(unknown) > 5 else "")
-                raise ValueError(f"data.class_map: {len(unknown)} class folder(s) of data.path '{self.root}' "
+                raise DataError(f"data.class_map: {len(unknown)} class folder(s) of data.path '{self.root}' "
                                  f"are not in '{self.class_map}': {listed}")
         else:
             self.class_names = folders
@@ -497,15 +504,23 @@ class ImageFolderDataset(ImageFileDataset):
 
         files: list[str] = []
         labels: list[int] = []
+        empty: list[str] = []
         for folder in folders:
             names = _image_files(os.path.join(self.root, folder))
             files.extend(f"{folder}/{name}" for name in names)
             labels.extend([ids[folder]] * len(names))
+            if not names:
+                empty.append(folder)
+        if files and empty:  # a class folder without images would be a class the model never sees
+            listed = ", ".join(f"'{f}'" for f in empty[:5]) + (" ..." if len(empty) > 5 else "")
+            raise DataError(f"data.path: {len(empty)} class folder(s) of '{self.root}' hold no image files "
+                            f"({listed}); add images or remove the folder (data.class_map may list classes "
+                            "that have no folder)")
         if not files:
             loose = any(_is_image_name(n) for n in os.listdir(self.root))
             hint = (" (its images are not in class sub-folders: data.name 'folder' with data.captions reads "
                     "a flat folder)") if loose else ""
-            raise ValueError(f"data.path: '{self.root}' holds no image files ({', '.join(IMAGE_EXTENSIONS)}) "
+            raise DataError(f"data.path: '{self.root}' holds no image files ({', '.join(IMAGE_EXTENSIONS)}) "
                              f"in class sub-folders <root>/<class>/<image>{hint}")
         self.files = PathList(files)
         self.labels = np.asarray(labels, dtype=np.int32)
@@ -558,7 +573,7 @@ class CaptionFolderDataset(ImageFileDataset):
             for _, kind, _ in self.init_issues:
                 counts[kind] = counts.get(kind, 0) + 1
             first = "; ".join(d for _, _, d in self.init_issues[:3])
-            raise ValueError(f"data.captions: every row of '{captions}' was dropped "
+            raise DataError(f"data.captions: every row of '{captions}' was dropped "
                              f"({', '.join(f'{n} {k}' for k, n in sorted(counts.items()))}; data.path "
                              f"'{self.root}'): {first}")
         self.files = PathList(files)
@@ -576,9 +591,9 @@ def build_image_dataset(cfg: DataConfig, seed: int, flip_prob: float | None = No
     """
     flip = cfg.flip_prob if flip_prob is None else flip_prob
     if cfg.name not in ("imagenet", "folder"):
-        raise ValueError(f"data.name: {cfg.name!r} is not an image-file dataset; expected 'imagenet' or 'folder'")
+        raise DataError(f"data.name: {cfg.name!r} is not an image-file dataset; expected 'imagenet' or 'folder'")
     if not cfg.path:
-        raise ValueError(f"data.path: required for data.name={cfg.name!r} (a directory of images)")
+        raise DataError(f"data.path: required for data.name={cfg.name!r} (a directory of images)")
     common: dict[str, Any] = {
         "image_size": cfg.image_size, "crop": cfg.crop, "flip_prob": flip, "seed": seed,
         "crop_scale": tuple(cfg.crop_scale), "crop_ratio": tuple(cfg.crop_ratio), "min_size": cfg.min_size,
@@ -586,7 +601,7 @@ def build_image_dataset(cfg: DataConfig, seed: int, flip_prob: float | None = No
     if cfg.name == "imagenet":
         return ImageFolderDataset(cfg.path, class_map=cfg.class_map, **common)
     if not cfg.captions:
-        raise ValueError("data.captions: required for data.name='folder' (a CSV or JSONL file: file, caption)")
+        raise DataError("data.captions: required for data.name='folder' (a CSV or JSONL file: file, caption)")
     return CaptionFolderDataset(cfg.path, cfg.captions, **common)
 
 
@@ -594,16 +609,16 @@ def _check_options(image_size: int, crop: str, flip_prob: float, seed: int, crop
                    crop_ratio: Sequence[float], min_size: int) -> None:
     """Config-key errors for the options, before any file is touched."""
     if int(image_size) != image_size or image_size < 1:
-        raise ValueError(f"data.image_size: must be a positive integer, got {image_size!r}")
+        raise DataError(f"data.image_size: must be a positive integer, got {image_size!r}")
     if crop not in CROP_MODES:
-        raise ValueError(f"data.crop: must be one of {CROP_MODES}, got {crop!r}")
+        raise DataError(f"data.crop: must be one of {CROP_MODES}, got {crop!r}")
     if not 0.0 <= flip_prob <= 1.0:
-        raise ValueError(f"data.flip_prob: must lie in [0, 1], got {flip_prob!r}")
+        raise DataError(f"data.flip_prob: must lie in [0, 1], got {flip_prob!r}")
     if int(seed) != seed or seed < 0:
-        raise ValueError(f"seed: must be a non-negative integer, got {seed!r}")
+        raise DataError(f"seed: must be a non-negative integer, got {seed!r}")
     if len(crop_scale) != 2 or not 0 < crop_scale[0] <= crop_scale[1] <= 1:
-        raise ValueError(f"data.crop_scale: must be (lo, hi) with 0 < lo <= hi <= 1, got {crop_scale!r}")
+        raise DataError(f"data.crop_scale: must be (lo, hi) with 0 < lo <= hi <= 1, got {crop_scale!r}")
     if len(crop_ratio) != 2 or not 0 < crop_ratio[0] <= crop_ratio[1]:
-        raise ValueError(f"data.crop_ratio: must be (lo, hi) with 0 < lo <= hi, got {crop_ratio!r}")
+        raise DataError(f"data.crop_ratio: must be (lo, hi) with 0 < lo <= hi, got {crop_ratio!r}")
     if int(min_size) != min_size or min_size < 0:
-        raise ValueError(f"data.min_size: must be a non-negative integer, got {min_size!r}")
+        raise DataError(f"data.min_size: must be a non-negative integer, got {min_size!r}")

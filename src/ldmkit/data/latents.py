@@ -34,6 +34,8 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from ldmkit.errors import DataError
+
 FORMAT = "ldmkit-latents"
 VERSION = 1
 INDEX = "index.json"
@@ -50,10 +52,10 @@ def read_safetensors_layout(path: str | Path) -> tuple[dict[str, dict[str, Any]]
     with open(path, "rb") as f:
         raw = f.read(8)
         if len(raw) != 8:
-            raise ValueError(f"{path}: not a safetensors file (shorter than its header length)")
+            raise DataError(f"{path}: not a safetensors file (shorter than its header length)")
         n = int.from_bytes(raw, "little")
         if n > 100_000_000:
-            raise ValueError(f"{path}: not a safetensors file (header length {n})")
+            raise DataError(f"{path}: not a safetensors file (header length {n})")
         header = json.loads(f.read(n))
     meta = header.pop("__metadata__", {}) or {}
     return header, meta, 8 + n
@@ -70,7 +72,7 @@ class MappedShard:
         for name, e in entries.items():
             dtype = _NP_DTYPES.get(e["dtype"])
             if dtype is None:
-                raise ValueError(f"{self.path}: tensor {name!r} has dtype {e['dtype']}; the cache stores "
+                raise DataError(f"{self.path}: tensor {name!r} has dtype {e['dtype']}; the cache stores "
                                  "float16, float32 and int64 only")
             start, end = e["data_offsets"]
             shape = tuple(e["shape"])
@@ -79,7 +81,7 @@ class MappedShard:
                 continue
             self.arrays[name] = np.memmap(self.path, dtype=dtype, mode="r", offset=base + start, shape=shape)
             if self.arrays[name].nbytes != end - start:
-                raise ValueError(f"{self.path}: tensor {name!r} has {end - start} bytes for shape {shape}")
+                raise DataError(f"{self.path}: tensor {name!r} has {end - start} bytes for shape {shape}")
 
     def __len__(self) -> int:
         return int(self.arrays["mean"].shape[0])
@@ -115,7 +117,7 @@ def read_index(directory: str | Path) -> dict[str, Any]:
                                 "encoding did not finish; run `ldmkit encode` again to complete it")
     index = json.loads(path.read_text())
     if index.get("format") != FORMAT or index.get("version") != VERSION:
-        raise ValueError(f"data.cache: {str(path)!r} is not an {FORMAT} v{VERSION} index")
+        raise DataError(f"data.cache: {str(path)!r} is not an {FORMAT} v{VERSION} index")
     return index
 
 
@@ -172,7 +174,7 @@ class LatentCacheDataset:
         counts = [s["count"] for s in self.index["shards"]]
         self.offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
         if self.offsets[-1] == 0:
-            raise ValueError(f"data.cache: {str(self.directory)!r} holds no samples")
+            raise DataError(f"data.cache: {str(self.directory)!r} holds no samples")
         for s in self.index["shards"]:
             if not (self.directory / s["file"]).is_file():
                 raise FileNotFoundError(f"data.cache: shard {s['file']!r} listed in {INDEX} is missing "
@@ -282,16 +284,16 @@ def check_cache(index: dict[str, Any], *, data: dict[str, Any], autoencoder: dic
         diff = sorted(k for k in set(have) | set(want) if have.get(k) != want.get(k))
         if diff:
             detail = "; ".join(f"{k}: cache {have.get(k)!r} vs config {want.get(k)!r}" for k in diff)
-            raise ValueError(f"{where} was encoded with another {key} ({detail}); encode again or point "
+            raise DataError(f"{where} was encoded with another {key} ({detail}); encode again or point "
                              f"data.cache elsewhere")
     have_text = index.get("text")
     if text is None or have_text is None:  # without cached encodings the trainer encodes the captions
         return
     if have_text["encoder"] != text["encoder"]:
-        raise ValueError(f"{where} holds encodings of {have_text['encoder']!r}; cond.text.encoder is "
+        raise DataError(f"{where} holds encodings of {have_text['encoder']!r}; cond.text.encoder is "
                          f"{text['encoder']!r}")
     if have_text["length"] < text["length"]:
-        raise ValueError(f"{where} holds {have_text['length']} text tokens; cond.text.length is {text['length']}")
+        raise DataError(f"{where} holds {have_text['length']} text tokens; cond.text.length is {text['length']}")
 
 
 def write_index(directory: str | Path, index: dict[str, Any]) -> Path:

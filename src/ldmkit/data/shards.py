@@ -42,6 +42,7 @@ from webdataset.tariterators import group_by_keys, tar_file_expander
 from ldmkit.config import DataConfig
 from ldmkit.data.decode import BadInput, Issue, open_rgb
 from ldmkit.data.transforms import CROP_MODES, resize_crop_flip, to_tensor
+from ldmkit.errors import DataError
 
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")  # member extensions taken as the image, in this preference
 PROBE_SAMPLES = 32  # samples of the first shard read at construction to find one that decodes
@@ -150,7 +151,7 @@ class ShardSource(IterableDataset):
                  max_epochs: int | None = None) -> None:
         super().__init__()
         if crop not in CROP_MODES:
-            raise ValueError(f"data.crop: unknown crop {crop!r}; expected one of {CROP_MODES}")
+            raise DataError(f"data.crop: unknown crop {crop!r}; expected one of {CROP_MODES}")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside world size {world_size}")
         if seed < 0:
@@ -158,14 +159,14 @@ class ShardSource(IterableDataset):
         self.urls = urls if isinstance(urls, str) else list(urls)
         self.shards = expand_urls(urls)
         if not self.shards:
-            raise ValueError(f"data.path: no shards in {urls!r}")
+            raise DataError(f"data.path: no shards in {urls!r}")
         missing = [u for u in self.shards if (p := local_path(u)) is not None and not os.path.isfile(p)]
         if missing:
             listed = ", ".join(missing[:3]) + (f", ..., {missing[-1]}" if len(missing) > 3 else "")
             raise FileNotFoundError(f"data.path: {len(missing)} of {len(self.shards)} shards do not exist: "
                                     f"{listed} (data.path = {urls!r})")
         if len(self.shards) < world_size:
-            raise ValueError(self._too_few_message(world_size, 1))
+            raise DataError(self._too_few_message(world_size, 1))
         self.image_size, self.crop, self.flip_prob, self.seed = image_size, crop, flip_prob, seed
         self.crop_scale, self.crop_ratio = tuple(crop_scale), tuple(crop_ratio)
         self.min_size, self.shuffle_buffer = min_size, shuffle_buffer
@@ -204,9 +205,9 @@ class ShardSource(IterableDataset):
             groups.close()
         shard_errors = [d for _, k, d in pending if k == "skipped:shard"]
         if read == 0 and shard_errors:
-            raise ValueError(f"data.path: the first shard {url} cannot be read: {shard_errors[0]}")
+            raise DataError(f"data.path: the first shard {url} cannot be read: {shard_errors[0]}")
         kinds = ", ".join(f"{k} x{n}" for k, n in Counter(k for _, k, _ in pending).items()) or "no samples"
-        raise ValueError(f"data.path: the first shard {url} holds no usable sample in its first {read} "
+        raise DataError(f"data.path: the first shard {url} holds no usable sample in its first {read} "
                          f"sample(s) ({kinds})")
 
     # ---- reading ----------------------------------------------------------------------------------
@@ -381,7 +382,7 @@ class ShardSource(IterableDataset):
         num_workers, worker = (info.num_workers, info.id) if info is not None else (1, 0)
         slots = self.world_size * num_workers
         if len(self.shards) < slots:
-            raise ValueError(self._too_few_message(self.world_size, num_workers))
+            raise DataError(self._too_few_message(self.world_size, num_workers))
         return self.rank * num_workers + worker, slots
 
     def epoch_shards(self, epoch: int, slot: int = 0, slots: int = 1) -> list[str]:
@@ -457,7 +458,7 @@ def build_shard_source(cfg: DataConfig, seed: int, rank: int = 0, world_size: in
                        start_epoch: int = 0) -> ShardSource:
     """The ``ShardSource`` a ``webdataset`` data config describes."""
     if not cfg.path:
-        raise ValueError("data.path: a webdataset source needs shard pattern(s), e.g. /data/cc12m/{00000..01242}.tar")
+        raise DataError("data.path: a webdataset source needs shard pattern(s), e.g. /data/cc12m/{00000..01242}.tar")
     num_classes = read_class_count(cfg.class_map) if cfg.class_map else 0
     return ShardSource(cfg.path, image_size=cfg.image_size, crop=cfg.crop,
                        flip_prob=cfg.flip_prob if flip_prob is None else flip_prob, seed=seed,

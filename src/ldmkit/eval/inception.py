@@ -50,6 +50,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ldmkit.errors import CheckpointError
+from ldmkit.files import read_torch_file
+
 INCEPTION_FILE = "pt_inception-2015-12-05-6726825d.pth"
 INCEPTION_URL = f"https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/{INCEPTION_FILE}"
 INCEPTION_ENV = "LDMKIT_INCEPTION_WEIGHTS"
@@ -325,11 +328,14 @@ def load_fid_inception(path: str | os.PathLike | None = None, device: str | torc
     """``FIDInceptionV3`` with the weights of ``INCEPTION_FILE`` (see ``resolve_inception_weights``), in
     eval mode on ``device``."""
     file = resolve_inception_weights(path)
-    state = torch.load(file, map_location="cpu", weights_only=True)
+    state = read_torch_file(file, f"FID Inception weights (expected {INCEPTION_FILE})")
     if not isinstance(state, dict):
-        raise ValueError(f"{file}: expected a state dict (name -> tensor), got {type(state).__name__}")
+        raise CheckpointError(f"{file}: expected a state dict (name -> tensor), got {type(state).__name__}")
     model = FIDInceptionV3()
-    model.load_weights(state, source=str(file))
+    try:
+        model.load_weights(state, source=str(file))
+    except ValueError as e:
+        raise CheckpointError(str(e)) from None
     return model.to(device).eval()
 
 

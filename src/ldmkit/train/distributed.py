@@ -20,7 +20,6 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-
 _OWNED_GROUP = False  # True when init_distributed started the process group (and shutdown ends it)
 
 
@@ -82,15 +81,6 @@ def barrier(d: Dist) -> None:
         dist.barrier()
 
 
-def any_across_ranks(d: Dist, flags: Tensor) -> Tensor:
-    """Element-wise logical OR of a small bool/int tensor over all ranks (one tiny all-reduce)."""
-    if not d.enabled:
-        return flags.bool()
-    t = flags.to(torch.int32).clone()
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return t.bool()
-
-
 def sum_across_ranks(d: Dist, values: Tensor) -> Tensor:
     if not d.enabled:
         return values
@@ -149,8 +139,15 @@ def wrap_model(model: nn.Module, d: Dist, parallel: str, precision: str) -> nn.M
     raise ValueError(f"train.parallel: unknown mode {parallel!r}; expected auto, none, ddp or fsdp")
 
 
-def is_sharded(model: nn.Module) -> bool:
-    return any(hasattr(p, "full_tensor") for p in model.parameters())
+def param_norm(params: list[Tensor], d: Dist) -> float:
+    """Global L2 norm of the parameters, whole or FSDP2-sharded (the same on every rank)."""
+    shards = [p.detach().to_local() if hasattr(p, "to_local") else p.detach() for p in params]
+    sharded = len(shards) > 0 and hasattr(params[0], "to_local")
+    square = torch.stack([n.float() ** 2 for n in torch._foreach_norm(shards)]).sum() if shards \
+        else torch.zeros(())
+    if sharded:  # each rank holds a disjoint shard; replicated (DDP) weights are already whole
+        square = sum_across_ranks(d, square)
+    return float(square.sqrt())
 
 
 # --------------------------------------------------------------------------------------------------

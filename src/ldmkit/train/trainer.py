@@ -15,13 +15,12 @@ import importlib.util
 import inspect
 import json
 import math
-import os
+import shutil
 import signal
 import sys
 import time
 from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass, replace
-from datetime import datetime
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -41,33 +40,25 @@ from ldmkit.data.stream import StreamDataset, StreamSampler
 from ldmkit.diffusion.ddpm import DDPM
 from ldmkit.diffusion.flow import FlowMatching
 from ldmkit.diffusion.scaling import resolution_scale_for
-from ldmkit.models import build_model, model_from_config
+from ldmkit.errors import RunDirError, TrainingDiverged  # noqa: F401 (RunDirError: re-exported)
+from ldmkit.files import atomic_write_json, atomic_write_text
+from ldmkit.models import PRESETS, build_model, constructor_keys, model_from_config
 from ldmkit.sampling import conditions_for, default_control, generate, make_grid, sample_settings
 from ldmkit.text import build_text_conditioner
 from ldmkit.train import distributed as D
-from ldmkit.train.checkpoint import (list_checkpoints, load_train_state, model_config,
-                                     resolve_checkpoint, save_checkpoint)
+from ldmkit.train.checkpoint import (checkpoint_step, list_checkpoints, load_train_state, model_config,
+                                     read_weights, save_checkpoint)
 from ldmkit.train.ema import EMA
+from ldmkit.train.guard import DivergenceGuard
 from ldmkit.train.metrics import read_metrics
+from ldmkit.train.run_dir import create_run_dir, plan_run
+from ldmkit.train.telemetry import (Telemetry, forward_flops_per_image, peak_memory_gib, peak_tflops,
+                                    reset_peak_memory)
 from ldmkit.train.transfer import (class_map_for, read_source, read_source_config, transfer_init,
                                    transfer_options)
-from ldmkit.train.telemetry import (Telemetry, forward_flops_per_image, peak_memory_gib,
-                                    peak_tflops, reset_peak_memory)
 
-# Sections whose change would make a checkpoint mean something else; resuming refuses such changes
-# (except for the keys listed after them, which change how, not what, is computed).
-_FROZEN_ON_RESUME = ("data", "autoencoder", "model", "diffusion", "cond")
-_FREE_ON_RESUME = ("data.num_workers", "cond.p_drop_semantic", "cond.p_drop_control")
 LOSS_BINS = (0.0, 0.25, 0.5, 0.75, 1.0)  # loss is also logged per timestep bin
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)  # cluster pre-emption: checkpoint and exit cleanly
-
-
-class RunDirError(RuntimeError):
-    """The run directory cannot be used (exists without --resume, or missing with it)."""
-
-
-class TrainingDiverged(RuntimeError):
-    """Too many consecutive non-finite steps; a checkpoint of the last good state was written."""
 
 
 # --------------------------------------------------------------------------------------------------
@@ -82,49 +73,6 @@ def pick_device(name: str) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"config key 'train.device': {name!r} requested but CUDA is not available")
     return device
-
-
-def prepare_run_dir(cfg: Config, resume: bool) -> Path:
-    """The run directory: a fresh one for a new run (never an existing one), the given one to resume."""
-    if resume:
-        if cfg.run.dir is None:
-            raise RunDirError("--resume needs run.dir=PATH (the run to continue)")
-        run_dir = Path(cfg.run.dir)
-        if not run_dir.is_dir():
-            raise RunDirError(f"cannot resume: run directory {str(run_dir)!r} does not exist")
-        return run_dir
-    if cfg.run.dir is not None:
-        run_dir = Path(cfg.run.dir)
-        if run_dir.exists() and any(run_dir.iterdir()):
-            raise RunDirError(
-                f"run directory {str(run_dir)!r} already exists and is not empty: pass --resume to "
-                "continue that run, or choose another run.dir"
-            )
-    else:
-        stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-        run_dir = Path("runs") / f"{cfg.run.name}-{stamp}"
-        n = 1
-        while run_dir.exists():  # two runs started in the same second
-            n += 1
-            run_dir = Path("runs") / f"{cfg.run.name}-{stamp}-{n}"
-    run_dir.mkdir(parents=True, exist_ok=True)
-    return run_dir
-
-
-def check_resume_config(cfg: Config, saved: dict[str, Any]) -> None:
-    new = to_dict(cfg)
-    changed = [
-        f"{section}.{k}"
-        for section in _FROZEN_ON_RESUME
-        for k in set(new[section]) | set(saved.get(section, {}))
-        if new[section].get(k) != saved.get(section, {}).get(k)
-        and f"{section}.{k}" not in _FREE_ON_RESUME
-    ]
-    if changed:
-        raise ConfigError(
-            f"cannot resume with a different {', '.join(sorted(changed))} than the checkpoint was "
-            "trained with; start a new run (or use the checkpoint's values)"
-        )
 
 
 def lr_at(step: int, cfg: Config) -> float:
@@ -234,14 +182,20 @@ class Trainer:
             raise ConfigError("config key 'train.wandb': true needs the wandb package (pip install wandb)")
 
         # Inputs that would fail later are checked before the run directory exists.
+        name = cfg.model.name
+        arch = PRESETS[name.lower()]["arch"]
+        if cfg.cond.semantic == "text" and "context_dim" not in constructor_keys(arch):
+            texts = sorted({p["arch"] for p in PRESETS.values() if "context_dim" in constructor_keys(p["arch"])})
+            raise ConfigError(f"config key 'cond.semantic': 'text' needs a model with text conditioning; {name} "
+                              f"({arch}) takes class labels only (text models: {', '.join(a + '-*' for a in texts)})")
         if cfg.eval.fid_every > 0:  # not at the first evaluation hours later
-            from ldmkit.eval.inception import resolve_inception_weights
+            from ldmkit.eval.inception import load_fid_inception
 
             for key in ("fid_ref", "fid_captions"):
                 value = getattr(cfg.eval, key)
                 if value is not None and not Path(value).is_file():
                     raise ConfigError(f"config key 'eval.{key}': {value!r} does not exist")
-            resolve_inception_weights(cfg.eval.inception_weights)
+            load_fid_inception(cfg.eval.inception_weights)  # found, readable and of the right layout
         if cfg.init.from_ and resume is None:
             read_source_config(cfg.init.from_)  # the source exists and is a checkpoint, run or weights dir
         if cfg.diffusion.resolution_scale == "auto":  # resolved once; the run's config stores the number
@@ -272,7 +226,10 @@ class Trainer:
         self.data_report = DataReport()  # bad and converted source files, from construction on
         self.data_report.add(getattr(self.dataset, "init_issues", ()))
         self._shapes = None  # the shapes source for its evaluations when training reads a cache of it
-        self.run_dir, resume_from = self._setup_run_dir(resume)
+        self._check_semantic_source()
+        # Where the run goes and what it resumes from: decided now, written only once nothing can fail.
+        self.plan = self._plan_run(resume)
+        resume_from = self.plan.resume_from
         self._threads_before = torch.get_num_threads()  # restored when fit() ends
         if t.threads > 0:
             torch.set_num_threads(t.threads)
@@ -290,22 +247,28 @@ class Trainer:
         options = dict(m.options)
         if self.init_source is not None:
             options = transfer_options(self.init_source, m.name, options, cfg.init.pe)
-        self.model = build_model(
-            m.name, in_channels=self.latent_shape[0], input_size=size,
-            num_classes=self.dataset.num_classes if self.text is None else 0,
-            context_dim=0 if self.text is None else self.text.width,
-            pooled_dim=0 if self.text is None else self.text.pooled_width,
-            depth=m.depth, hidden_size=m.hidden_size,
-            num_heads=m.num_heads, patch_size=m.patch_size, mlp_ratio=m.mlp_ratio,
-            learn_sigma=m.learn_sigma, qk_norm=m.qk_norm, **options,
-        ).to(self.device)
+        patch = m.patch_size or PRESETS[m.name.lower()].get("patch_size")
+        if patch and size % patch:
+            raise ConfigError(f"config key 'model.patch_size': {patch} does not divide the model's input of "
+                              f"{size}x{size} (data.image_size {cfg.data.image_size} / autoencoder downsampling "
+                              f"{self.autoencoder.downsample})")
+        try:
+            self.model = build_model(
+                m.name, in_channels=self.latent_shape[0], input_size=size,
+                num_classes=self.dataset.num_classes if self.text is None else 0,
+                context_dim=0 if self.text is None else self.text.width,
+                pooled_dim=0 if self.text is None else self.text.pooled_width,
+                depth=m.depth, hidden_size=m.hidden_size,
+                num_heads=m.num_heads, patch_size=m.patch_size, mlp_ratio=m.mlp_ratio,
+                learn_sigma=m.learn_sigma, qk_norm=m.qk_norm, **options,
+            ).to(self.device)
+        except (ValueError, TypeError) as e:  # the architecture refuses these sizes or options
+            raise ConfigError(f"config key 'model': {m.name} cannot be built for this run: {e}") from None
+        init_report = None
         if self.init_source is not None:
-            report = transfer_init(self.model, self.init_source, pe_mode=cfg.init.pe,
-                                   class_map=class_map_for(cfg.init), allow_partial=cfg.init.allow_partial,
-                                   min_fraction=cfg.init.min_fraction)
-            if self.main:
-                print(report.summary())
-                report.save(self.run_dir / "init_report.json")
+            init_report = transfer_init(self.model, self.init_source, pe_mode=cfg.init.pe,
+                                        class_map=class_map_for(cfg.init), allow_partial=cfg.init.allow_partial,
+                                        min_fraction=cfg.init.min_fraction)
         self.model_json = model_config(self.model)
         self.n_params = sum(p.numel() for p in self.model.parameters())
 
@@ -335,8 +298,26 @@ class Trainer:
         self.data_position = 0  # global samples consumed
         self.skipped_steps = 0
         self.consecutive_skips = 0
+        self.guard = DivergenceGuard(t.loss_spike_factor, t.max_weight_growth)
+        self.last_good_step: int | None = None  # newest checkpoint whose weights a healthy step has used
+        self._unconfirmed_step: int | None = None  # newest checkpoint not yet used by a healthy step
+
+        # Nothing below can fail on bad input: the run directory is made (or continued) now.
+        self.run_dir = self._create_run_dir()
+        if self.main and not self.plan.resuming:  # first, so that a run directory always has its config
+            dump_yaml(cfg, self.run_dir / "config.yaml")
+        if init_report is not None and self.main:
+            print(init_report.summary())
+            init_report.save(self.run_dir / "init_report.json")
         if resume_from is not None:
             self._load(resume_from)
+        else:
+            self.guard.set_reference(D.param_norm(self.params, self.dist))
+            if self.plan.resuming and self.main:  # killed before its first checkpoint: start again
+                print(f"{self.run_dir} holds no checkpoint: starting again from step 0")
+                self._truncate_metrics(0)
+        if self.main and self.plan.resuming:  # after a successful load: a failed resume leaves it as it was
+            dump_yaml(cfg, self.run_dir / "config.yaml")
         self.telemetry = (Telemetry(self.run_dir, to_dict(cfg), t.tensorboard, t.wandb, t.wandb_project,
                                     t.wandb_mode) if self.main else None)
         self._stop_signal: int | None = None
@@ -371,28 +352,16 @@ class Trainer:
         with torch.device(self.device):
             return model_from_config(self.model_json)
 
-    def _setup_run_dir(self, resume: str | None) -> tuple[Path, Path | None]:
-        """Rank 0 decides (and creates) the run directory and the checkpoint to resume from; every
-        rank receives the answer, or the same error, so that no rank is left waiting."""
-        answer: tuple[str, str | None] | str | None = None
+    def _plan_run(self, resume: str | None):
+        """Rank 0 plans the run directory and the checkpoint to resume from (``train/run_dir.py``);
+        every rank receives the answer, or the same error, so that no rank is left waiting."""
+        answer: Any = None
         error: Exception | None = None
         if self.main:
             try:
-                resume_from = None
-                if resume is not None:
-                    run_dir = prepare_run_dir(self.cfg, resume=True)
-                    if resume == "auto":
-                        found = list_checkpoints(run_dir)
-                        if not found:
-                            raise RunDirError(f"cannot resume: {str(run_dir)!r} holds no complete checkpoint")
-                        resume_from = found[-1]
-                    else:
-                        resume_from = resolve_checkpoint(resume)
-                    check_resume_config(self.cfg, json.loads((resume_from / "config.json").read_text()))
-                else:
-                    run_dir = prepare_run_dir(self.cfg, resume=False)
-                dump_yaml(self.cfg, run_dir / "config.yaml")
-                answer = (str(run_dir), None if resume_from is None else str(resume_from))
+                answer = plan_run(self.cfg, resume)
+                for ckpt, why in answer.skipped:
+                    print(f"Skipping damaged checkpoint {ckpt}: {why}")
             except Exception as e:  # every rank must hear of it, or the others wait forever
                 error, answer = e, f"{type(e).__name__}: {e}"
         answer = D.broadcast_object(self.dist, answer)
@@ -400,19 +369,32 @@ class Trainer:
             raise error
         if isinstance(answer, str):
             raise RunDirError(f"rank 0 could not set up the run: {answer}")
-        run_dir, resume_from = answer
-        return Path(run_dir), (None if resume_from is None else Path(resume_from))
+        return answer
+
+    def _create_run_dir(self) -> Path:
+        path = str(create_run_dir(self.plan, self.cfg)) if self.main else None
+        return Path(D.broadcast_object(self.dist, path))
+
+    def _check_semantic_source(self) -> None:
+        """The semantic condition must exist in the data: captions for text, labels for classes."""
+        d, text_on = self.cfg.data, self.cfg.cond.semantic == "text"
+        if text_on and d.name == "imagenet":
+            raise ConfigError("config key 'cond.semantic': 'text' needs captions, but data.name='imagenet' has "
+                              "class labels only; use cond.semantic=class, or a captioned source (folder, "
+                              "webdataset)")
+        if not text_on and self.dataset.num_classes == 0:
+            raise ConfigError(f"config key 'cond.semantic': 'class' needs class labels, but data.name={d.name!r} "
+                              "has captions only; use cond.semantic=text"
+                              + (", or give data.class_map for the shards' cls labels" if d.name == "webdataset"
+                                 else ""))
 
     # ----------------------------------------------------------------------------------------------
     # Checkpoints
     # ----------------------------------------------------------------------------------------------
 
     def _load(self, ckpt: Path) -> None:
-        from safetensors.torch import load_file
-
-        model_state = load_file(str(ckpt / "model.safetensors"))
-        D.load_full_model_state(self.model, model_state, self.dist)
-        self.ema.load_full_state_dict(load_file(str(ckpt / "ema.safetensors")))
+        D.load_full_model_state(self.model, read_weights(ckpt / "model.safetensors"), self.dist)
+        self.ema.load_full_state_dict(read_weights(ckpt / "ema.safetensors"))
         state = load_train_state(ckpt)
         D.load_full_optimizer_state(self.model, self.optimizer, state["optimizer"], self.dist)
         self.step = int(state["step"])
@@ -423,6 +405,13 @@ class Trainer:
         self._resume_rng = (state["torch_rng"], state.get("cuda_rng"))
         if self.scaler is not None and state.get("grad_scaler"):
             self.scaler.load_state_dict(state["grad_scaler"])
+        if state.get("guard") is not None:
+            self.guard.load_state_dict(state["guard"])
+        else:  # a checkpoint from before the guard: its weights are the reference
+            self.guard.set_reference(D.param_norm(self.params, self.dist))
+        last_good = int(state.get("last_good_step", -1))
+        self.last_good_step = None if last_good < 0 else last_good
+        self._unconfirmed_step = self.step  # confirmed by the first healthy step after the resume
         if self.main:
             self._truncate_metrics(self.step)
             print(f"Resumed from {ckpt} at step {self.step}")
@@ -433,9 +422,7 @@ class Trainer:
         if not path.is_file():
             return
         kept = [r for r in read_metrics(path) if r.get("step", 0) <= step]
-        tmp = path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
-        os.replace(tmp, path)
+        atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
 
     def save(self) -> Path:
         """Gather full state on rank 0 and write it atomically (every rank must call this)."""
@@ -445,6 +432,10 @@ class Trainer:
         model_state = D.full_model_state(self.model, self.dist)
         ema_state = self.ema.full_state_dict(self.model)
         optimizer_state = D.full_optimizer_state(self.model, self.optimizer, self.dist)
+        # Only finite weights are ever written (rank 0 holds the full state and tells the others).
+        broken = D.broadcast_object(self.dist, _first_non_finite(model_state, ema_state) if self.main else None)
+        if broken is not None:
+            raise self._diverged(f"{broken} holds non-finite values, so no checkpoint was written")
         path = None
         if self.main:
             state = {
@@ -456,14 +447,46 @@ class Trainer:
                 "cuda_rng": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None,
                 "grad_scaler": self.scaler.state_dict() if self.scaler is not None else {},
                 "world_size": self.dist.world_size,
+                "guard": self.guard.state_dict(),
+                "last_good_step": -1 if self.last_good_step is None else self.last_good_step,
             }
+            protect = [] if self.last_good_step is None else [self._checkpoint_dir(self.last_good_step)]
             path = save_checkpoint(
                 self.run_dir, self.step, model_state=model_state, ema_state=ema_state,
                 model_json=self.model_json, optimizer_state=optimizer_state, config=to_dict(self.cfg),
-                train_state=state, keep=self.cfg.train.keep_checkpoints,
+                train_state=state, keep=self.cfg.train.keep_checkpoints, protect=protect,
             )
+        self._unconfirmed_step = self.step  # good once a healthy step has used these weights
         D.barrier(self.dist)
-        return path or self.run_dir / "checkpoints" / f"step_{self.step:07d}"
+        return path or self._checkpoint_dir(self.step)
+
+    def _checkpoint_dir(self, step: int) -> Path:
+        return self.run_dir / "checkpoints" / f"step_{step:07d}"
+
+    def _diverged(self, reason: str) -> TrainingDiverged:
+        """The error that stops a diverged run. Checkpoints newer than the newest one known to be healthy
+        hold the broken weights: they are renamed ``diverged_step_*`` (kept, never resumed)."""
+        moved: list[str] = []
+        if self.main:
+            for ckpt in list_checkpoints(self.run_dir):
+                if self.last_good_step is None or checkpoint_step(ckpt) > self.last_good_step:
+                    target = ckpt.with_name(f"diverged_{ckpt.name}")
+                    if target.exists():  # from an earlier divergence of this run
+                        shutil.rmtree(target)
+                    ckpt.rename(target)
+                    moved.append(target.name)
+        D.barrier(self.dist)
+        lr = f"train.lr={self.cfg.train.lr / 10:g}"
+        if self.last_good_step is not None:
+            advice = (f"The newest checkpoint with healthy weights is {self._checkpoint_dir(self.last_good_step)}; "
+                      f"continue from it with a lower learning rate: ldmkit train --resume auto "
+                      f"run.dir={self.run_dir} {lr}")
+        else:
+            advice = (f"No checkpoint holds healthy weights yet; start again with a lower learning rate: "
+                      f"ldmkit train --resume auto run.dir={self.run_dir} {lr}")
+        if moved:
+            advice += f". Checkpoints with the broken weights were renamed: {', '.join(moved)}"
+        return TrainingDiverged(f"training diverged at step {self.step}: {reason}. {advice}")
 
     # ----------------------------------------------------------------------------------------------
     # The step
@@ -581,9 +604,14 @@ class Trainer:
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, clip)
         if hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor
             grad_norm = grad_norm.full_tensor()
+        # The step's decisions need the flags of every rank and the global loss: one all-reduce, one sync.
         local_bad = ~(torch.isfinite(grad_norm) & torch.isfinite(loss_sum))
         stop = torch.tensor(self._stop_signal is not None, device=self.device)
-        bad, stop = D.any_across_ranks(self.dist, torch.stack([local_bad, stop])).tolist()
+        totals = D.sum_across_ranks(self.dist, torch.stack([local_bad.float(), stop.float(), loss_sum.float()]))
+        n_bad, n_stop, loss_total = totals.tolist()
+        loss_value = loss_total / self.dist.world_size
+        bad = n_bad > 0 or self.guard.is_spike(loss_value)  # non-finite, or far above the running median
+        stop = n_stop > 0
         if bad:
             self.skipped_steps += 1
             self.consecutive_skips += 1
@@ -591,6 +619,9 @@ class Trainer:
                 self.scaler.update()  # lowers the scale after an overflow
         else:
             self.consecutive_skips = 0
+            self.guard.record(loss_value)
+            if self._unconfirmed_step is not None:  # this healthy step used the newest checkpoint's weights
+                self.last_good_step, self._unconfirmed_step = self._unconfirmed_step, None
             if self.scaler is not None:
                 self.scaler.step(self.optimizer)
                 self.scaler.update()
@@ -599,10 +630,19 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         self.data_position += B
+        diverged = None
         if not bad:
-            self.ema.update(self.model, self.step)
+            norm = D.param_norm(self.params, self.dist)
+            diverged = self.guard.weight_problem(norm)
+            if diverged is None:
+                self.ema.update(self.model, self.step)
+                if self.step % t.checkpoint_every == 0:
+                    self.guard.set_reference(norm)
+        if self.consecutive_skips >= t.max_consecutive_skips:
+            diverged = (f"{self.consecutive_skips} consecutive steps ({self.step - self.consecutive_skips + 1}-"
+                        f"{self.step}) had a non-finite or spiking loss or gradient")
         return {"loss": loss_sum, "grad_norm": grad_norm.detach(), "lr": lr, "bad": bad, "stop": stop,
-                "per_sample": torch.cat(per_sample), "t": torch.cat(ts), "data_s": data_s}
+                "diverged": diverged, "per_sample": torch.cat(per_sample), "t": torch.cat(ts), "data_s": data_s}
 
     # ----------------------------------------------------------------------------------------------
     # Sampling and evaluation (rank 0; the other ranks wait)
@@ -794,7 +834,7 @@ class Trainer:
                     torch.cuda.synchronize()
                 window.add(out, step_s=time.perf_counter() - t0)
                 bar.update(1)
-                if self.step % t.log_every == 0 or self.step == t.steps or out["stop"]:
+                if self.step % t.log_every == 0 or self.step == t.steps or out["stop"] or out["diverged"]:
                     record = window.flush(time.time() - start_time)
                     if self.data_report.counts:
                         record.update(data_skipped=self.data_report.skipped,
@@ -802,18 +842,17 @@ class Trainer:
                     if self.main:
                         self.telemetry.write(record)
                         bar.set_postfix(loss=f"{record['loss']:.4f}", img_s=f"{record['images_per_s']:.0f}")
-                if self.consecutive_skips >= t.max_consecutive_skips:
-                    path = self.save()
-                    raise TrainingDiverged(
-                        f"{self.consecutive_skips} consecutive steps had a non-finite loss or gradient "
-                        f"(up to step {self.step}); stopped. The last good weights are in {path}. Lower "
-                        "train.lr, enable model.qk_norm, or raise train.max_consecutive_skips to go on."
-                    )
+                if out["diverged"]:
+                    raise self._diverged(out["diverged"])
                 if out["stop"]:
                     stopped_by = "signal"
                     break
                 if self.step % t.checkpoint_every == 0 and self.step < t.steps:
-                    self.save()
+                    if self.consecutive_skips == 0:
+                        self.save()
+                    elif self.main:  # the current weights just gave bad steps: not worth a checkpoint
+                        tqdm.write(f"Step {self.step}: no checkpoint, the last {self.consecutive_skips} "
+                                   "steps were skipped")
                 if t.sample_every > 0 and self.step % t.sample_every == 0 and self.step < t.steps:
                     self.write_grid(f"step_{self.step:07d}")
                 if cfg.eval.shapes_every > 0 and self.step % cfg.eval.shapes_every == 0 \
@@ -975,9 +1014,16 @@ class _Window:
 
 
 def save_json(data: dict[str, Any], path: Path) -> None:
-    tmp = Path(str(path) + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    os.replace(tmp, path)
+    atomic_write_json(path, data)
+
+
+def _first_non_finite(*states: dict[str, torch.Tensor]) -> str | None:
+    """The name of the first floating-point tensor with a NaN or infinity, or None."""
+    for state in states:
+        for name, v in state.items():
+            if v.is_floating_point() and not bool(torch.isfinite(v).all()):
+                return name
+    return None
 
 
 def train(cfg: Config, resume: str | None = None, progress: bool = True) -> TrainResult:
