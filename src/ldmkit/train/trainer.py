@@ -42,6 +42,7 @@ from ldmkit.diffusion.ddpm import DDPM
 from ldmkit.diffusion.flow import FlowMatching
 from ldmkit.diffusion.scaling import resolution_scale_for
 from ldmkit.models import build_model, model_from_config
+from ldmkit.models.flops import forward_flops_per_image
 from ldmkit.sampling import conditions_for, default_control, generate, make_grid, sample_settings
 from ldmkit.text import build_text_conditioner
 from ldmkit.train import distributed as D
@@ -51,8 +52,7 @@ from ldmkit.train.ema import EMA
 from ldmkit.train.metrics import read_metrics
 from ldmkit.train.transfer import (class_map_for, read_source, read_source_config, transfer_init,
                                    transfer_options)
-from ldmkit.train.telemetry import (Telemetry, forward_flops_per_image, peak_memory_gib,
-                                    peak_tflops, reset_peak_memory)
+from ldmkit.train.telemetry import Telemetry, peak_memory_gib, peak_tflops, reset_peak_memory
 
 # Sections whose change would make a checkpoint mean something else; resuming refuses such changes
 # (except for the keys listed after them, which change how, not what, is computed).
