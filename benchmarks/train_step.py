@@ -48,8 +48,9 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from ldmkit.conditioning import Conditioning
 from ldmkit.diffusion.flow import FlowMatching
 from ldmkit.models import PRESETS, build_model
+from ldmkit.models.flops import forward_flops_per_image
 from ldmkit.train.distributed import fsdp_units
-from ldmkit.train.telemetry import forward_flops_per_image, peak_memory_gib, peak_tflops, reset_peak_memory
+from ldmkit.train.telemetry import peak_memory_gib, peak_tflops, reset_peak_memory
 
 # architectures whose diffusers counterpart takes no class labels: benchmarked with text
 TEXT_REFERENCE = ("pixart", "mmdit", "unet")

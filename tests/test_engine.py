@@ -16,8 +16,8 @@ from safetensors.torch import load_file
 
 from ldmkit.config import load_config
 from ldmkit.models import build_model
+from ldmkit.models.flops import forward_flops_per_image
 from ldmkit.train.checkpoint import list_checkpoints
-from ldmkit.train.telemetry import forward_flops_per_image
 from ldmkit.train.trainer import Trainer, TrainingDiverged, train
 
 # One thread everywhere: subprocesses and in-process runs must do the same float arithmetic.

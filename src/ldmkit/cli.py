@@ -468,16 +468,22 @@ def cmd_config(args: argparse.Namespace) -> int:
 
 
 def cmd_models(args: argparse.Namespace) -> int:
-    from ldmkit.models import list_models
+    # Torch-free unless --count: the presets and the closed forms do not import it.
     from ldmkit.models.catalog import table
+    from ldmkit.models.presets import list_models
 
     names = [n for n in list_models() if not args.filter or args.filter in n]
     if not names:
         raise ConfigError(f"no model name contains {args.filter!r}")
-    print(table(names, tuple(args.resolutions)))
+    try:
+        print(table(names, tuple(args.resolutions), count=args.count))
+    except ValueError as e:  # a resolution the model cannot take (e.g. not divisible by its patch size)
+        raise ConfigError(f"--resolutions {' '.join(map(str, args.resolutions))}: {e}") from e
+    how = "counted with FlopCounterMode" if args.count else "closed forms, equal to FlopCounterMode's count"
     print("\nAs published: class-conditional on 1000 classes (sd3-medium, sdxl: text), DiT/MDT/PixArt with "
           "learned variance, f8 x 4 latents (ldm-4-g: f4 x 3, sd3-medium: f8 x 16). GFLOPs are real FLOPs (a "
-          "multiply-add counts 2) of one forward pass per image; text presets with 77 tokens. See docs/models.md.")
+          f"multiply-add counts 2) of one forward pass per image ({how}); text presets with 77 tokens. "
+          "See docs/models.md.")
     return 0
 
 
@@ -662,6 +668,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("models", help="list the named models with parameter counts and GFLOPs")
     p.add_argument("filter", nargs="?", help="only names containing this text (e.g. dit-xl)")
     p.add_argument("--resolutions", type=POSITIVE_INT, nargs="+", default=[256, 512], help="pixel resolutions")
+    p.add_argument("--count", action="store_true",
+                   help="build each model on the meta device and count with FlopCounterMode (slow; the reference "
+                        "the closed forms are tested against)")
     p.set_defaults(func=cmd_models)
 
     p = sub.add_parser("convert", help="convert weights to/from diffusers or the official DiT layout")

@@ -15,42 +15,39 @@ presets only fix the architecture's size (depth, width, heads, patch), the data 
 from __future__ import annotations
 
 import difflib
+import functools
 import inspect
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from torch import nn
+from ldmkit.models.presets import PRESETS, list_models
 
-from ldmkit.models import dit, mdt, mmdit, pixart, unet
-from ldmkit.models.dit import DiT
+if TYPE_CHECKING:  # for annotations and type checkers; at run time these load on first use (below)
+    from torch import nn
 
-# arch name -> model class
-ARCHITECTURES: dict[str, type[nn.Module]] = {
-    cls.arch: cls for cls in (DiT, mdt.MDT, pixart.PixArt, mmdit.MMDiT, mmdit.MMDiTImproved, unet.UNet)
-}
+    from ldmkit.models.dit import DiT
 
 
-def _with_arch(arch: str, presets: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    return {name: {"arch": arch, **kw} for name, kw in presets.items()}
+@functools.cache
+def _architectures() -> dict[str, type[nn.Module]]:
+    """arch name -> model class. Imported on first use: the model modules import torch, and listing the
+    presets (``ldmkit models``, config validation) should not."""
+    from ldmkit.models import mdt, mmdit, pixart, unet
+    from ldmkit.models.dit import DiT
+
+    return {cls.arch: cls for cls in (DiT, mdt.MDT, pixart.PixArt, mmdit.MMDiT, mmdit.MMDiTImproved, unet.UNet)}
 
 
-# preset name -> {"arch": ..., constructor kwargs fixed by the preset}
-PRESETS: dict[str, dict[str, Any]] = {
-    **_with_arch("dit", dit.sized_presets("dit")),
-    **_with_arch("mdt", mdt.PRESETS),
-    **_with_arch("pixart", pixart.PRESETS),
-    **mmdit.PRESETS,  # mmdit-*, mmdit-improved-*, sd3-medium (arch set per preset)
-    **_with_arch("unet", unet.PRESETS),
-}
-# SDXL's U-Net is text-conditional: two CLIP encoders' tokens (2048) and pooled vector (1280)
-PRESETS["sdxl"].update(context_dim=2048, pooled_dim=1280)
+def __getattr__(name: str) -> Any:
+    # ``ARCHITECTURES`` and ``DiT`` stay importable from here, loaded (with torch) when first asked for.
+    if name == "ARCHITECTURES":
+        return _architectures()
+    if name == "DiT":
+        return _architectures()["dit"]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 # Keys that come from the data rather than from a preset or an override.
 DATA_KEYS = ("in_channels", "input_size", "num_classes", "context_dim", "pooled_dim")
-
-
-def list_models() -> list[str]:
-    """Names accepted by ``build_model``."""
-    return list(PRESETS)
 
 
 def _close(name: str, valid: list[str]) -> str:
@@ -91,20 +88,22 @@ def build_model(name: str, *, in_channels: int, input_size: int, num_classes: in
 
 
 def constructor_keys(arch: str) -> list[str]:
-    if arch not in ARCHITECTURES:
-        raise ValueError(f"unknown arch {arch!r}; {_close(str(arch), list(ARCHITECTURES))}")
-    return [k for k in inspect.signature(ARCHITECTURES[arch].__init__).parameters if k != "self"]
+    architectures = _architectures()
+    if arch not in architectures:
+        raise ValueError(f"unknown arch {arch!r}; {_close(str(arch), list(architectures))}")
+    return [k for k in inspect.signature(architectures[arch].__init__).parameters if k != "self"]
 
 
 def model_from_config(cfg: dict[str, Any]) -> nn.Module:
     """Rebuild a model from ``{"arch": ..., **init_kwargs}`` (e.g. a checkpoint's JSON)."""
     cfg = dict(cfg)
     arch = cfg.pop("arch", None)
+    architectures = _architectures()
     if arch is None:
-        raise ValueError(f"model_from_config: missing 'arch'; valid: {list(ARCHITECTURES)}")
-    if arch not in ARCHITECTURES:
-        raise ValueError(f"model_from_config: unknown arch {arch!r}; {_close(str(arch), list(ARCHITECTURES))}")
-    cls = ARCHITECTURES[arch]
+        raise ValueError(f"model_from_config: missing 'arch'; valid: {list(architectures)}")
+    if arch not in architectures:
+        raise ValueError(f"model_from_config: unknown arch {arch!r}; {_close(str(arch), list(architectures))}")
+    cls = architectures[arch]
     valid = constructor_keys(arch)
     unknown = [k for k in cfg if k not in valid]
     if unknown:

@@ -235,25 +235,3 @@ class DiT(nn.Module):
                 x = block(x, c)  # (B, N, D)
         x = self.final_layer(x, c)  # (B, N, p*p*C_out)
         return unpatchify(x, self.patch_size, self.out_channels, self.grid_size)  # (B, C_out, H, W)
-
-
-# (depth, hidden_size, num_heads) of the DiT paper's S/B/L/XL; PixArt uses the same sizes.
-SIZES: dict[str, tuple[int, int, int]] = {
-    "s": (12, 384, 6),
-    "b": (12, 768, 12),
-    "l": (24, 1024, 16),
-    "xl": (28, 1152, 16),
-}
-
-
-def sized_presets(prefix: str) -> dict[str, dict[str, Any]]:
-    """``{prefix}-{s,b,l,xl}/{2,4,8}`` with DiT's sizes, and ``{prefix}-tiny/{2,4}`` for tests and smoke runs."""
-    presets = {}
-    for size, (depth, hidden, heads) in SIZES.items():
-        for patch in (2, 4, 8):
-            presets[f"{prefix}-{size}/{patch}"] = dict(depth=depth, hidden_size=hidden, num_heads=heads,
-                                                       patch_size=patch)
-    for patch in (2, 4):
-        presets[f"{prefix}-tiny/{patch}"] = dict(depth=2, hidden_size=64, num_heads=4, patch_size=patch)
-    return presets
-

@@ -79,18 +79,10 @@ from ldmkit.models.layers import (
     unpatchify,
 )
 from ldmkit.models.positions import check_pe_options, sincos_table
+from ldmkit.models.presets import MDT_PRESETS
 
-# Model sizes of sail-sg/MDT (``MDTv2_{S,B,L,XL}_2``). ``decode_layer`` is a training flag there: the
-# README trains MDTv2-S/2 with 6 decoder blocks and MDTv2-XL/2 with 4 (also the script's default, used
-# here for B and L).
-PRESETS: dict[str, dict[str, Any]] = {
-    "mdt-s/2": dict(depth=12, hidden_size=384, num_heads=6, patch_size=2, decode_layer=6),
-    "mdt-b/2": dict(depth=12, hidden_size=768, num_heads=12, patch_size=2, decode_layer=4),
-    "mdt-l/2": dict(depth=24, hidden_size=1024, num_heads=16, patch_size=2, decode_layer=4),
-    "mdt-xl/2": dict(depth=28, hidden_size=1152, num_heads=16, patch_size=2, decode_layer=4),
-    # tests and smoke runs: 1 encoder-in, 1 encoder-out, 1 side and 2 decoder blocks
-    "mdt-tiny/2": dict(depth=4, hidden_size=64, num_heads=4, patch_size=2, decode_layer=2),
-}
+# The named sizes (mdt-s/2 ... mdt-xl/2, mdt-tiny/2) live in ``presets`` (torch-free), re-exported here.
+PRESETS: dict[str, dict[str, Any]] = MDT_PRESETS
 
 
 #################################################################################

@@ -112,6 +112,7 @@ from ldmkit.models.layers import (
     unpatchify,
 )
 from ldmkit.models.positions import check_pe_options, sincos_table
+from ldmkit.models.presets import MMDIT_PRESETS
 
 #################################################################################
 #                                 Embedders                                     #
@@ -610,40 +611,7 @@ class MMDiTImproved(MMDiT):
 #################################################################################
 
 
-def _presets() -> dict[str, dict[str, Any]]:
-    # (depth, hidden_size, num_heads). S/B/L: SD3's rule hidden = 64 * depth, heads = depth.
-    # XL: chosen to match DiT-XL/2's parameter count (see the module docstring).
-    sizes = {
-        "s": (6, 384, 6),
-        "b": (10, 640, 10),
-        "l": (15, 960, 15),
-        "xl": (18, 1024, 16),
-        "tiny": (2, 64, 4),
-    }
-    presets: dict[str, dict[str, Any]] = {}
-    for arch in ("mmdit", "mmdit-improved"):
-        for size, (depth, hidden, heads) in sizes.items():
-            presets[f"{arch}-{size}/2"] = dict(
-                arch=arch, depth=depth, hidden_size=hidden, num_heads=heads, patch_size=2
-            )
-    # Stable Diffusion 3 medium (diffusers SD3Transformer2DModel config of stabilityai/stable-diffusion-3-medium).
-    presets["sd3-medium"] = dict(
-        arch="mmdit",
-        depth=24,
-        hidden_size=1536,
-        num_heads=24,
-        patch_size=2,
-        in_channels=16,
-        input_size=128,
-        num_classes=0,
-        context_dim=4096,
-        pooled_dim=2048,
-        pos_embed_max_size=192,
-    )
-    return presets
-
-
-# preset name -> {"arch": ..., constructor kwargs fixed by the preset}
-PRESETS: dict[str, dict[str, Any]] = _presets()
+# preset name -> {"arch": ..., constructor kwargs fixed by the preset}; defined in ``presets`` (torch-free).
+PRESETS: dict[str, dict[str, Any]] = MMDIT_PRESETS
 
 __all__ = ["PRESETS", "DismantledBlock", "JointBlock", "MMDiT", "MMDiTImproved", "joint_attention"]

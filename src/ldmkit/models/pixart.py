@@ -62,7 +62,6 @@ from torch.utils.checkpoint import checkpoint
 
 from ldmkit.conditioning import Conditioning
 from ldmkit.models.control import build_control_embedder, control_init_kwargs
-from ldmkit.models.dit import sized_presets
 from ldmkit.models.layers import (
     Attention,
     CrossAttention,
@@ -73,6 +72,7 @@ from ldmkit.models.layers import (
     unpatchify,
 )
 from ldmkit.models.positions import check_pe_options, sincos_table
+from ldmkit.models.presets import PIXART_PRESETS
 
 
 #################################################################################
@@ -407,7 +407,7 @@ class PixArt(nn.Module):
 
 
 # preset name -> constructor kwargs fixed by the preset (the data fixes input_size, in_channels,
-# num_classes / context_dim).
-PRESETS: dict[str, dict[str, Any]] = sized_presets("pixart")  # DiT's sizes; PixArt-α itself is XL/2
+# num_classes / context_dim); defined in ``presets`` (torch-free).
+PRESETS: dict[str, dict[str, Any]] = PIXART_PRESETS  # DiT's sizes; PixArt-α itself is XL/2
 
 __all__ = ["PRESETS", "CaptionEmbedder", "PixArt", "PixArtBlock", "T2IFinalLayer"]

@@ -73,6 +73,7 @@ from torch.utils.checkpoint import checkpoint
 from ldmkit.conditioning import Conditioning
 from ldmkit.models.control import build_control_embedder, control_init_kwargs
 from ldmkit.models.layers import Attention, CrossAttention, LabelEmbedder, TimestepEmbedder, timestep_embedding
+from ldmkit.models.presets import UNET_PRESETS
 
 # Number of SDXL "time ids" (orig_h, orig_w, crop_top, crop_left, target_h, target_w).
 NUM_TIME_IDS = 6
@@ -604,32 +605,6 @@ class UNet(nn.Module):
 #                                   Presets                                     #
 #################################################################################
 
-# name -> constructor kwargs fixing the architecture's size (the data fixes input_size, in_channels,
-# num_classes, context_dim, pooled_dim). Parameter counts (all checked in tests/test_unet.py):
-#   ldm-4-g: CompVis/latent-diffusion configs/latent-diffusion/cin256-v2.yaml (64x64x3 VQ-f4 latents, 1000 classes,
-#            model_channels 192, channel_mult [1, 2, 3, 5], attention_resolutions [8, 4, 2] -> levels 1-3,
-#            num_heads 1, transformer_depth 1, context_dim 512 from ClassEmbedder(1001, 512), LDM's conv
-#            projections): 400,920,579 U-Net parameters + 512,512 in the class table = 401,433,091.
-#   sdxl:    stabilityai/stable-diffusion-xl-base-1.0 unet/config.json: 320 x [1, 2, 4], 2 res blocks,
-#            transformer_layers_per_block [1, 2, 10] at levels 1-2 (level 0 has none), mid depth 10, 64
-#            channels per head, linear projections, text_time micro-conditioning with 256-d sinusoids;
-#            with context_dim 2048, pooled_dim 1280: 2,567,463,684 parameters (as diffusers).
-#   unet-s/b/l/xl: our SDXL-style family (three levels [1, 2, 4], 2 res blocks, no attention at level 0,
-#            64-channel heads, linear projections); width and depths chosen so that a class-conditional
-#            ImageNet model on 32x32x4 latents has about the parameters of DiT-S/B/L/XL (33.0M, 130.5M,
-#            458.0M, 675.1M): unet-s 64ch [0, 1, 2] 32,953,220; unet-b 128ch [0, 1, 2] 131,098,372;
-#            unet-l 192ch [0, 2, 4] 452,402,692; unet-xl 256ch [0, 2, 3] 677,777,412 (tested).
-PRESETS: dict[str, dict[str, Any]] = {
-    "unet-tiny": dict(model_channels=32, channel_mult=[1, 2], num_res_blocks=1, transformer_depth=[0, 1],
-                      num_head_channels=16, norm_groups=8),
-    "unet-s": dict(model_channels=64, channel_mult=[1, 2, 4], num_res_blocks=2, transformer_depth=[0, 1, 2]),
-    "unet-b": dict(model_channels=128, channel_mult=[1, 2, 4], num_res_blocks=2, transformer_depth=[0, 1, 2]),
-    "unet-l": dict(model_channels=192, channel_mult=[1, 2, 4], num_res_blocks=2, transformer_depth=[0, 2, 4]),
-    "unet-xl": dict(model_channels=256, channel_mult=[1, 2, 4], num_res_blocks=2, transformer_depth=[0, 2, 3]),
-    "ldm-4-g": dict(model_channels=192, channel_mult=[1, 2, 3, 5], num_res_blocks=2,
-                    transformer_depth=[0, 1, 1, 1], transformer_depth_middle=1, num_head_channels=-1,
-                    num_heads=1, class_embed_dim=512, linear_projection=False),
-    "sdxl": dict(model_channels=320, channel_mult=[1, 2, 4], num_res_blocks=2, transformer_depth=[0, 2, 10],
-                 transformer_depth_middle=10, num_head_channels=64, linear_projection=True,
-                 micro_conditioning=True, micro_embed_dim=256),
-}
+# name -> constructor kwargs fixing the architecture's size; defined, with the provenance of each size and its
+# parameter count, in ``presets`` (torch-free).
+PRESETS: dict[str, dict[str, Any]] = UNET_PRESETS

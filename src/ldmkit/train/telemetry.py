@@ -1,9 +1,9 @@
 """What a run reports: metrics sinks (JSONL always, TensorBoard, W&B) and the FLOPs/MFU/memory numbers.
 
 MFU here is *model* FLOPs utilisation: the FLOPs the model needs per trained image (forward + backward
-= 3 × forward, counted by PyTorch's FlopCounterMode, real FLOPs, not multiply-adds), times images/s,
-over the device's dense peak at the training precision. Recomputation from activation checkpointing is
-not counted (it is work the hardware does, not work the model needs).
+= 3 × forward, counted by PyTorch's FlopCounterMode, ``models.flops``; real FLOPs, not multiply-adds),
+times images/s, over the device's dense peak at the training precision. Recomputation from activation
+checkpointing is not counted (it is work the hardware does, not work the model needs).
 """
 
 from __future__ import annotations
@@ -14,9 +14,8 @@ from pathlib import Path
 from typing import Any, Optional
 
 import torch
-from torch import nn
 
-from ldmkit.conditioning import Conditioning
+from ldmkit.models.flops import forward_flops_per_image  # noqa: F401 - re-exported for older imports
 from ldmkit.train.metrics import MetricsLog
 
 # Dense peak TFLOP/s per GPU by (name fragment, precision). SXM parts unless the name says otherwise.
@@ -41,19 +40,6 @@ def peak_tflops(device: torch.device, precision: str, tf32: bool) -> Optional[fl
         if fragment in name:
             return peaks[key]
     return None
-
-
-def forward_flops_per_image(model: nn.Module, x: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> float:
-    """FLOPs of one forward pass on one image (counted on a batch of 1)."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-    from torch.utils.flop_counter import FlopCounterMode
-
-    counter = FlopCounterMode(display=False)
-    # The math backend spells attention out as matmuls, which every device counts (the fused CPU
-    # kernel has no FLOP formula and would count as zero).
-    with torch.no_grad(), sdpa_kernel([SDPBackend.MATH]), counter:
-        model(x[:1], t[:1], cond.index(slice(0, 1)))
-    return float(counter.get_total_flops())
 
 
 def peak_memory_gib(device: torch.device) -> float:

@@ -43,6 +43,7 @@ from ldmkit.diffusion.scaling import resolution_scale_for
 from ldmkit.errors import RunDirError, TrainingDiverged  # noqa: F401 (RunDirError: re-exported)
 from ldmkit.files import atomic_write_json, atomic_write_text
 from ldmkit.models import PRESETS, build_model, constructor_keys, model_from_config
+from ldmkit.models.flops import forward_flops_per_image
 from ldmkit.sampling import conditions_for, default_control, generate, make_grid, sample_settings
 from ldmkit.text import build_text_conditioner
 from ldmkit.train import distributed as D
@@ -52,8 +53,7 @@ from ldmkit.train.ema import EMA
 from ldmkit.train.guard import DivergenceGuard
 from ldmkit.train.metrics import read_metrics
 from ldmkit.train.run_dir import create_run_dir, plan_run
-from ldmkit.train.telemetry import (Telemetry, forward_flops_per_image, peak_memory_gib, peak_tflops,
-                                    reset_peak_memory)
+from ldmkit.train.telemetry import Telemetry, peak_memory_gib, peak_tflops, reset_peak_memory
 from ldmkit.train.transfer import (class_map_for, read_source, read_source_config, transfer_init,
                                    transfer_options)
 
