@@ -1,4 +1,4 @@
-"""Control embedders and the time gate (METHOD.md §3), against float64 formulas written out here."""
+"""Control embedders and the time gate (docs/method.md §3), against float64 formulas written out here."""
 
 import math
 
@@ -41,7 +41,7 @@ def perturbed(embedder):
 
 def reference_group(group, ctrl, scales, freq_dim=8):
     """float64: sinusoid [cos, sin] of scale * value with f_i = 10000 ** (-i / h), then Linear, LayerNorm
-    (no parameters), SiLU, Linear (METHOD.md §3)."""
+    (no parameters), SiLU, Linear (docs/method.md §3)."""
     h = freq_dim // 2
     freqs = 10000.0 ** (-torch.arange(h, dtype=torch.float64) / h)
     feats = []

@@ -1,4 +1,4 @@
-"""Every architecture takes control metadata through its timestep/adaLN path (METHOD.md §3), with the
+"""Every architecture takes control metadata through its timestep/adaLN path (docs/method.md §3), with the
 time gate, control dropout and the zero-initialised start that transfer relies on."""
 
 import pytest

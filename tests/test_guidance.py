@@ -1,4 +1,4 @@
-"""Two-scale classifier-free guidance (METHOD.md §5), checked against the formula evaluated branch by branch
+"""Two-scale classifier-free guidance (docs/method.md §5), checked against the formula evaluated branch by branch
 with separate model calls."""
 
 import pytest

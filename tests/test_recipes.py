@@ -1,5 +1,5 @@
 """The ImageNet/CC12M recipes in configs/: they load, build their full-size models, document their cost,
-and their transfer chains point at each other with the settings METHOD.md §7 asks for."""
+and their transfer chains point at each other with the settings docs/method.md §7 asks for."""
 
 from pathlib import Path
 
@@ -60,7 +60,7 @@ def test_transfer_recipes_start_from_a_shipped_recipe_with_the_method_settings(p
     assert cfg.init.from_ in sources, f"{_id(path)}: init.from {cfg.init.from_!r} is no recipe's run.dir"
     src = load_config(sources[cfg.init.from_])
     assert src.model.name == cfg.model.name
-    if cfg.data.image_size != src.data.image_size:  # resolution transfer (METHOD.md §7)
+    if cfg.data.image_size != src.data.image_size:  # resolution transfer (docs/method.md §7)
         assert cfg.init.pe == "resample"
         assert cfg.diffusion.resolution_scale == "auto" and cfg.diffusion.base_resolution == src.data.image_size
         assert cfg.train.grad_checkpointing

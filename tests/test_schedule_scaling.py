@@ -1,4 +1,4 @@
-"""Noise-schedule scaling for a change of resolution (METHOD.md §7): logSNR_s = logSNR - 2 log s for the VP
+"""Noise-schedule scaling for a change of resolution (docs/method.md §7): logSNR_s = logSNR - 2 log s for the VP
 schedules and the flow time shift, and ``resolution_scale_for``."""
 
 import math
@@ -23,7 +23,7 @@ def test_vp_scaling_shifts_log_snr_by_two_log_s(schedule, s):
     torch.testing.assert_close(scaled.log_snr(k), base.log_snr(k) - 2 * math.log(s), rtol=0, atol=1e-12)
     a, sig = scaled.alpha(k), scaled.sigma(k)
     torch.testing.assert_close(a**2 + sig**2, torch.ones(1000, dtype=torch.float64), rtol=0, atol=1e-14)
-    # METHOD.md's form: α_s = α / sqrt(α² + s²σ²), σ_s = sσ / sqrt(α² + s²σ²)
+    # docs/method.md's form: α_s = α / sqrt(α² + s²σ²), σ_s = sσ / sqrt(α² + s²σ²)
     a0, s0 = base.alpha(k), base.sigma(k)
     norm = (a0**2 + s**2 * s0**2).sqrt()
     torch.testing.assert_close(a, a0 / norm, rtol=1e-12, atol=0)

@@ -1,4 +1,4 @@
-"""Text encoders (METHOD.md §2) and the text conditioner: the offline MiniLM against sentence-transformers,
+"""Text encoders (docs/method.md §2) and the text conditioner: the offline MiniLM against sentence-transformers,
 tiny BERT / T5 / CLIP models built from configs and saved locally, the prompt cache, padding."""
 
 import pytest

@@ -1,4 +1,4 @@
-"""Text padding modes (METHOD.md §4), checked against a per-position loop and float64 statistics."""
+"""Text padding modes (docs/method.md §4), checked against a per-position loop and float64 statistics."""
 
 import pytest
 import torch

@@ -1,4 +1,4 @@
-"""Positional embeddings across resolutions and transfer initialisation (METHOD.md §7)."""
+"""Positional embeddings across resolutions and transfer initialisation (docs/method.md §7)."""
 
 import json
 

@@ -15,7 +15,7 @@ the variants (each a list of ``key=value`` overrides) and the evaluations to run
 ``results.json``, ``results.md`` (a table) and ``results.png`` (a bar chart per metric). A variant whose
 ``result.json`` exists is not trained again, so an interrupted ablation continues with ``--out DIR``.
 
-Two-stage studies (pre-train, then fine-tune; METHOD.md §7): an override value ``{run:NAME}`` is the run
+Two-stage studies (pre-train, then fine-tune; docs/method.md §7): an override value ``{run:NAME}`` is the run
 directory of the earlier variant NAME, e.g. ``init.from={run:pretrain}``. Variants that evaluate during
 training (``eval.shapes_every``) also get ``curves.png``: quality against training steps.
 """
@@ -186,7 +186,7 @@ def write_results(out: Path, spec: dict[str, Any], rows: list[dict[str, Any]]) -
     metric = next((r.get("distance_metric") for r in rows if r.get("distance_metric")), None)
     if metric:
         lines += ["", f"Size distance: mean pairwise `{metric}` between images generated from the same noise and "
-                      "label at the scaled size conditions (METHOD.md §3); content stable: colour, shape and "
+                      "label at the scaled size conditions (docs/method.md §3); content stable: colour, shape and "
                       "position read the same at every size."]
     (out / "results.md").write_text("\n".join(lines) + "\n")
     try:

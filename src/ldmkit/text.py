@@ -1,4 +1,4 @@
-"""Text tokens for conditioning: padding modes (METHOD.md §4).
+"""Text tokens for conditioning: padding modes (docs/method.md §4).
 
 A frozen encoder gives ``n_valid`` real token embeddings per prompt (specials included, as the encoder
 emits them); models take a fixed length L. ``pad_tokens`` fills positions ``n_valid..L-1``:

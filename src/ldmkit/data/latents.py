@@ -12,7 +12,7 @@ Layout of a cache directory::
         mean, std       (n, 2, C, h, w) float16|float32   [:, 0] as cropped, [:, 1] mirrored; raw VAE space
                                                            (std absent with `encode --posterior mean`)
         class_id        (n,) int64                         -1 without classes
-        orig_size, crop (n, 2) float32                     METHOD.md §3 metadata of the crop
+        orig_size, crop (n, 2) float32                     docs/method.md §3 metadata of the crop
         aspect          (n,) float32
         text, text_n_valid, text_pooled                    (n, L, D), (n,), (n, D_p): encoder outputs (text
                                                            models, unless `encode --no-text`)

@@ -1,4 +1,4 @@
-"""Image transforms that record the control metadata of METHOD.md §3 (orig_size, crop, flip, aspect).
+"""Image transforms that record the control metadata of docs/method.md §3 (orig_size, crop, flip, aspect).
 
 The metadata follows the SDXL conventions used by ``ldmkit.conditioning.CONTROL_FIELDS``:
 ``orig_size`` is (h, w) of the source before resizing, ``crop`` is (top, left) of the crop in the

@@ -1,4 +1,4 @@
-"""The DDPM / variance-preserving family (METHOD.md §6) behind the objective interface of ``FlowMatching``.
+"""The DDPM / variance-preserving family (docs/method.md §6) behind the objective interface of ``FlowMatching``.
 
 Forward process of T discrete steps k = 0 .. T-1 (ADM / DiT / diffusers numbering)::
 
@@ -42,7 +42,7 @@ The last DDIM step jumps to ᾱ = 1 (diffusers' ``set_alpha_to_one=True``); when
 here equals diffusers' ``DDIMScheduler`` with the same spacing (when it does not, diffusers steps to
 k - T // steps, which is not always the next kept step; here it is always the next kept step).
 
-Resolution scaling (METHOD.md §7): ``resolution_scale = s`` sets ᾱ_s = ᾱ / (ᾱ + s²(1 - ᾱ)), i.e.
+Resolution scaling (docs/method.md §7): ``resolution_scale = s`` sets ᾱ_s = ᾱ / (ᾱ + s²(1 - ᾱ)), i.e.
 logSNR_s = logSNR - 2 log s, with betas recomputed from ᾱ_s (not re-clipped, so the identity is exact).
 """
 
@@ -454,7 +454,7 @@ class DDPM:
             variational bound (hybrid loss, λ = 1).
         loss_weighting: ``none`` or ``min_snr`` (min-SNR-γ on the MSE term; the VB term is unweighted).
         min_snr_gamma: γ of min-SNR (MDT uses 5).
-        resolution_scale: noise-schedule scaling s (METHOD.md §7): logSNR - 2 log s at every step.
+        resolution_scale: noise-schedule scaling s (docs/method.md §7): logSNR - 2 log s at every step.
     """
 
     schedule: ScheduleName = "linear"

@@ -1,4 +1,4 @@
-"""Flow matching / rectified flow (METHOD.md §6).
+"""Flow matching / rectified flow (docs/method.md §6).
 
 Time convention (the only one inside ldmkit): t ∈ [0, 1], t = 0 clean data, t = 1 pure noise.
 
@@ -34,7 +34,7 @@ class FlowMatching:
     Attributes:
         timesteps: ``uniform`` t ~ U(0, 1) or ``logit_normal`` t = sigmoid(N(mean, std)) (SD3).
         logit_mean, logit_std: parameters of the logit-normal distribution.
-        resolution_scale: noise-schedule scaling s (METHOD.md §7, ``scaling.py``): the drawn timesteps
+        resolution_scale: noise-schedule scaling s (docs/method.md §7, ``scaling.py``): the drawn timesteps
             are shifted to t_s = s t / (1 + (s - 1) t), which divides the SNR by s²; 1 leaves them as
             drawn.
     """

@@ -1,4 +1,4 @@
-"""Classifier-free guidance with separate semantic and control scales (METHOD.md §5), as one batched
+"""Classifier-free guidance with separate semantic and control scales (docs/method.md §5), as one batched
 forward of the model's branches.
 
     u  = f(x, t, ∅_sem, ∅_ctrl)

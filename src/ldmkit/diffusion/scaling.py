@@ -1,4 +1,4 @@
-"""Noise-schedule scaling for a change of resolution (METHOD.md §7).
+"""Noise-schedule scaling for a change of resolution (docs/method.md §7).
 
 At a resolution ``s`` times larger, neighbouring pixels (latents) are more correlated, so the same noise
 level destroys less information per patch. Dividing the SNR by s² at every time keeps the per-patch

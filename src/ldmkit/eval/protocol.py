@@ -1,5 +1,5 @@
 """The FID protocol: generate an evaluation set from a checkpoint, score it against reference statistics,
-and write the numbers together with everything needed to reproduce them (METHOD.md §8, docs/evaluation.md).
+and write the numbers together with everything needed to reproduce them (docs/method.md §8, docs/evaluation.md).
 
 Generation is class-balanced (sample i has class ``i mod K``) or cycles through a caption set, runs in
 chunks of ``chunk`` images that are written atomically (``parts/part_NNNNN.npz``), so an interrupted run

@@ -365,7 +365,7 @@ def evaluate_captions(
     ok = [r["found"] and r["colour"] == c and r["shape"] == s and r["position"] == p
           for r, c, s, p in zip(results, colours, shapes, positions)]
     result["all"] = float(np.mean(ok)) if ok else 0.0
-    # left/right following separately: the paper's flip-conditioning claim is about it (METHOD.md §9, C6)
+    # left/right following separately: the paper's flip-conditioning claim is about it (docs/method.md §9, C6)
     sided = [(r, p) for r, p in zip(results, positions) if p.endswith(("left", "right"))]
     result["left_right"] = float(np.mean([r["found"] and r["position"].split()[-1] == p.split()[-1]
                                           for r, p in sided])) if sided else 0.0

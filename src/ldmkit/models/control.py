@@ -1,5 +1,5 @@
 """Control conditioning for the adaLN path: embedders of the control metadata and the time gate
-(METHOD.md §3).
+(docs/method.md §3).
 
     c(t) = E_t(t) + E_high(crop, flip, aspect) + γ(t) · E_low(orig_size)
     γ(t) = ((1 + cos(π t)) / 2) ** α        cosine gate: 1 at t = 0 (clean), 0 at t = 1 (noise)

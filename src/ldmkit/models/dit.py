@@ -149,7 +149,7 @@ class DiT(nn.Module):
         # exponent by half - 1); the original DiT, and our default, use 0.
         self.t_embedder = TimestepEmbedder(hidden_size, freq_shift=time_freq_shift)
         self.y_embedder = LabelEmbedder(num_classes, hidden_size) if num_classes > 0 else None
-        # Control metadata (METHOD.md §3) joins c = t + y; None unless control fields are enabled.
+        # Control metadata (docs/method.md §3) joins c = t + y; None unless control fields are enabled.
         self.control_embedder = build_control_embedder(hidden_size, control_high, control_low, control_gate,
                                                        control_alpha)
         # Fixed sin-cos table, stored like the original: a frozen Parameter (in state_dict and in the

@@ -265,7 +265,7 @@ class MDT(nn.Module):
         self.x_embedder = PatchEmbed(patch_size, in_channels, hidden_size)
         self.t_embedder = TimestepEmbedder(hidden_size)
         self.y_embedder = LabelEmbedder(num_classes, hidden_size) if num_classes > 0 else None
-        # Control metadata (METHOD.md §3) joins c = t + y; None unless control fields are enabled.
+        # Control metadata (docs/method.md §3) joins c = t + y; None unless control fields are enabled.
         self.control_embedder = build_control_embedder(hidden_size, control_high, control_low, control_gate,
                                                        control_alpha)
         N = self.num_tokens

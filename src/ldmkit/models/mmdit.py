@@ -35,14 +35,14 @@ Conditioning (how each semantic input enters)
 - Pooled text (``pooled_dim > 0``): ``cond.text_pooled`` (B, pooled_dim) -> ``y_embedder`` -> added to c.
 - Class labels (``num_classes > 0``): by default (``class_in_context``) the class id selects
   ``class_tokens`` learned tokens from ``Embedding(num_classes + 1, class_tokens * D)`` that become
-  context tokens of the joint attention (METHOD.md §2: class through attention); ``NULL_CLASS`` (-1)
+  context tokens of the joint attention (docs/method.md §2: class through attention); ``NULL_CLASS`` (-1)
   selects the learned null row. Ablation ``class_in_adaln``: a DiT-style ``Embedding(num_classes + 1,
   D)`` added to c, either in addition to the tokens or instead of them (``class_in_context=False``).
   Class and text may be combined: the context is ``[class tokens, text tokens]``.
 - No context at all (unconditional, or class only in adaLN without text): the blocks have no context
   stream (the joint attention is plain self-attention over the image tokens), so that every parameter
   is used in every forward (DDP without ``find_unused_parameters``).
-- Control metadata (METHOD.md §3): with ``control_high`` / ``control_low`` fields enabled, a
+- Control metadata (docs/method.md §3): with ``control_high`` / ``control_low`` fields enabled, a
   ``models.control.ControlEmbedder`` adds ``E_high(crop, flip, aspect) + γ(t) · E_low(orig_size)`` to c
   (``control_embedding(cond, t)``), with the low-level group gated by ``control_gate`` (``cosine``:
   γ(t) = ((1 + cos(π t)) / 2) ** α, ``constant``: SDXL-style, ``none``: off). SD3 has no control path
@@ -373,7 +373,7 @@ class MMDiT(nn.Module):
         use_adaln = num_classes > 0 and class_in_adaln
         self.class_adaln_embedder = LabelEmbedder(num_classes, hidden_size) if use_adaln else None
         self.has_context = self.context_embedder is not None or self.class_embedder is not None
-        # Control metadata (METHOD.md §3) joins c; None unless control fields are enabled.
+        # Control metadata (docs/method.md §3) joins c; None unless control fields are enabled.
         self.control_embedder = build_control_embedder(hidden_size, control_high, control_low, control_gate,
                                                        control_alpha)
         # Fixed sin-cos table on the max grid, a persistent buffer as in SD3 (not a parameter).
@@ -461,7 +461,7 @@ class MMDiT(nn.Module):
         return table[:, top : top + h, left : left + w, :].reshape(1, h * w, -1)  # (1, h*w, D)
 
     def control_embedding(self, cond: Optional[Conditioning], t: Tensor) -> Optional[Tensor]:
-        """The (B, D) control term ``E_high + γ(t) · E_low`` added to the adaLN vector c (METHOD.md §3), or
+        """The (B, D) control term ``E_high + γ(t) · E_low`` added to the adaLN vector c (docs/method.md §3), or
         None without control fields (SD3 has none). ``t`` (B,) in [0, 1], t = 1 noise, drives the gate."""
         return None if self.control_embedder is None else self.control_embedder(cond, t)
 
@@ -546,7 +546,7 @@ class MMDiT(nn.Module):
 
 
 class MMDiTImproved(MMDiT):
-    """The improved mmDiT of Berrada et al. (2024), METHOD.md §2-§3: semantic inputs (class tokens,
+    """The improved mmDiT of Berrada et al. (2024), docs/method.md §2-§3: semantic inputs (class tokens,
     text tokens) enter only as context tokens of the joint attention, never the adaLN vector (pooled
     text may, as in SD3); control metadata enters the adaLN vector through ``control_embedding``.
 

@@ -11,7 +11,7 @@ Structure
   original). Positions follow PixArt's ``pe_interpolation`` ("lewei scale") convention:
   ``pos = index / (grid / base_size) / pe_interpolation`` with ``base_size = grid`` by default, so the
   trained grid sees integer positions divided by ``pe_interpolation`` (1 at 256/512 px, 2 at 1024 px in
-  PixArt-α). Setting ``pe_base_grid`` to the pre-training grid gives METHOD.md §7's "resample" transfer.
+  PixArt-α). Setting ``pe_base_grid`` to the pre-training grid gives docs/method.md §7's "resample" transfer.
 - **adaLN-single**: one timestep MLP ``t_embedder`` (DiT's) and one global ``t_block = SiLU -> Linear(D, 6D)``;
   each block adds its own learnable ``scale_shift_table (6, D)`` (init ``randn / sqrt(D)``) to the shared
   ``t_block`` output to get (shift, scale, gate) for attention and MLP.
@@ -31,14 +31,14 @@ Semantic conditioning (exactly one of the two, or neither for an unconditional m
 - Class labels (``num_classes > 0``, ImageNet-style): ``y_embedder.embedding_table`` =
   ``Embedding(num_classes + 1, num_class_tokens * D)``; the class embedding is reshaped into
   ``num_class_tokens`` (default 1) context tokens of width D that the cross-attention attends to
-  (METHOD.md §2: class through attention, not adaLN). ``NULL_CLASS`` (-1) selects the last row.
+  (docs/method.md §2: class through attention, not adaLN). ``NULL_CLASS`` (-1) selects the last row.
   PixArt's paper has no class-conditional model; the table is initialised N(0, 0.02) as DiT's.
 - Pooled text (``pooled_dim > 0``, not in the original): ``cond.text_pooled`` -> Linear -> SiLU -> Linear
   -> D, added to the timestep embedding before ``t_block`` (and so also reaching the final layer), which
   is how PixArt-MS adds its size/aspect micro-conditions.
 - No dropout inside the model. The original's ``y_embedding`` (a fixed random "null caption" buffer
   swapped in for dropped captions) is not kept: the null prompt is produced outside the model (the
-  encoded empty string, METHOD.md §4), and diffusers has no counterpart either.
+  encoded empty string, docs/method.md §4), and diffusers has no counterpart either.
 
 Interface differences from the original
 - ``forward(x, t, cond)`` with continuous ``t`` in [0, 1] (t = 1 noise); ``1000 * t`` is embedded, so
@@ -263,7 +263,7 @@ class PixArt(nn.Module):
             if pooled_dim > 0
             else None
         )
-        # Control metadata (METHOD.md §3) joins the timestep embedding before t_block, like the pooled text.
+        # Control metadata (docs/method.md §3) joins the timestep embedding before t_block, like the pooled text.
         self.control_embedder = build_control_embedder(hidden_size, control_high, control_low, control_gate,
                                                        control_alpha)
         # Fixed sin-cos table, a persistent buffer as in the original (in state_dict, not a parameter).

@@ -1,4 +1,4 @@
-"""Positional embeddings across resolutions (METHOD.md §7).
+"""Positional embeddings across resolutions (docs/method.md §7).
 
 A model trained on an ``N0 x N0`` token grid and moved to ``N1 x N1`` can see its positions in three ways:
 

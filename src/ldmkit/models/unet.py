@@ -423,7 +423,7 @@ class UNet(nn.Module):
             else None
         )
 
-        # Control metadata with a time gate (METHOD.md §3), added to the time embedding like SDXL's
+        # Control metadata with a time gate (docs/method.md §3), added to the time embedding like SDXL's
         # micro-conditioning (which is the same path with a constant gate).
         self.control_embedder = build_control_embedder(time_embed_dim, control_high, control_low, control_gate,
                                                        control_alpha)

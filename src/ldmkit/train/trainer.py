@@ -89,7 +89,7 @@ def lr_at(step: int, cfg: Config) -> float:
 
 
 def resolution_scale(cfg: Config) -> float:
-    """s of METHOD.md §7's noise-schedule scaling: ``diffusion.resolution_scale``, or for "auto"
+    """s of docs/method.md §7's noise-schedule scaling: ``diffusion.resolution_scale``, or for "auto"
     data.image_size over the base resolution (``diffusion.base_resolution``, else the init.from run's)."""
     d = cfg.diffusion
     if d.resolution_scale != "auto":
@@ -528,7 +528,7 @@ class Trainer:
 
     def _train_conditioning(self, batch: Batch, dropped: torch.Tensor, ctrl_dropped: torch.Tensor,
                             pad_noise: torch.Tensor | None) -> Conditioning:
-        """The batch's condition with semantic and control dropout applied (METHOD.md §5): a dropped class
+        """The batch's condition with semantic and control dropout applied (docs/method.md §5): a dropped class
         becomes the null class, a dropped caption the empty prompt (encoded and padded like any other)."""
         cond = batch.cond.to(self.device)
         if self.text is None:

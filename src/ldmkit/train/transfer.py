@@ -1,5 +1,5 @@
 """Transfer initialisation: start a model from a checkpoint of another dataset, resolution or task
-(METHOD.md §7).
+(docs/method.md §7).
 
 Every tensor whose name and shape match is loaded. Tensors that differ in shape are adapted where their
 meaning is known: positional tables (``models/positions.py``: fixed sin-cos tables are recomputed by the
