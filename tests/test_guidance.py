@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from ldmkit.conditioning import NULL_CLASS, Conditioning
-from ldmkit.diffusion.guidance import drop_control, guided_velocity
+from ldmkit.diffusion.guidance import guided_velocity
 from ldmkit.models import build_model
 from ldmkit.sampling import conditions_for, default_control, generate
 
@@ -38,7 +38,7 @@ def test_three_branch_formula_matches_separate_calls():
     w_sem, w_ctrl = 2.5, 1.7
     with torch.no_grad():
         null = cond.drop_semantic()
-        u = model(x, t, drop_control(null))
+        u = model(x, t, null.drop_control())
         cc = model(x, t, null)
         cf = model(x, t, cond)
         expected = u + w_ctrl * (cc - u) + w_sem * (cf - cc)
@@ -114,6 +114,6 @@ def test_default_control_and_conditions_for():
 
 def test_control_dropped_rows_concatenate_with_undropped_ones():
     a = Conditioning(class_ids=torch.tensor([1, 2]))
-    b = drop_control(Conditioning(class_ids=torch.tensor([NULL_CLASS])))
+    b = Conditioning(class_ids=torch.tensor([NULL_CLASS])).drop_control()
     both = Conditioning.cat([a, b])
     assert both.control_dropped.tolist() == [False, False, True]

@@ -91,7 +91,7 @@ def cmd_encode(args: argparse.Namespace) -> int:
 def _load_for_sampling(args: argparse.Namespace):
     from ldmkit.config import from_dict
     from ldmkit.train.checkpoint import load_model, resolve_checkpoint
-    from ldmkit.train.trainer import pick_device
+    from ldmkit.train.build import pick_device
 
     device = pick_device(args.device)
     ckpt = resolve_checkpoint(args.checkpoint)
@@ -395,7 +395,7 @@ def cmd_eval_stats(args: argparse.Namespace) -> int:
 
     from ldmkit.eval.fid import NpzImageBatches, stats_from_features, stats_from_folder
     from ldmkit.eval.inception import InceptionFeatures
-    from ldmkit.train.trainer import pick_device
+    from ldmkit.train.build import pick_device
 
     device = pick_device(args.device)
     source = Path(args.source)
@@ -451,7 +451,7 @@ def cmd_ablate(args: argparse.Namespace) -> int:
 
 
 def cmd_plot(args: argparse.Namespace) -> int:
-    from ldmkit.plot import plot_metrics
+    from ldmkit.train.metrics import plot_metrics
 
     print(f"Wrote {plot_metrics(args.run_dir, args.out)}")
     return 0

@@ -95,6 +95,18 @@ class Conditioning:
             kwargs[f.name] = value
         return Conditioning(**kwargs)
 
+    @property
+    def device(self) -> torch.device:
+        """The device of the condition's tensors (the CPU when it holds none)."""
+        return next((t.device for _, t in self._tensors()), torch.device("cpu"))
+
+    def drop_control(self, mask: Tensor | None = None) -> "Conditioning":
+        """Mark the control metadata as dropped (the model's learned null, ∅_ctrl) where ``mask`` is True,
+        everywhere if None (guidance's control-null branch)."""
+        if mask is None:
+            mask = torch.ones(self.batch_size, dtype=torch.bool, device=self.device)
+        return replace(self, control_dropped=mask)
+
     def drop_semantic(self, mask: Tensor | None = None) -> "Conditioning":
         """Replace the semantic condition by the null one where ``mask`` is True (everywhere if None).
 
@@ -131,3 +143,74 @@ class Conditioning:
             else:
                 kwargs[f.name] = torch.cat(values)
         return Conditioning(**kwargs)
+
+
+@dataclass
+class ConditionDraws:
+    """The random condition choices of one training step, drawn for the whole global batch so that each
+    rank's rows do not depend on how the batch is split."""
+
+    semantic_dropped: Tensor  # (B,) bool: null class / empty prompt
+    control_dropped: Tensor  # (B,) bool: the learned null control
+    pad_noise: Optional[Tensor]  # (B, L, D) standard normal noise of noisy replicate padding, or None
+
+    def rows(self, lo: int, hi: int) -> "ConditionDraws":
+        return ConditionDraws(self.semantic_dropped[lo:hi], self.control_dropped[lo:hi],
+                              None if self.pad_noise is None else self.pad_noise[lo:hi])
+
+
+class Conditioner:
+    """Turns a batch into the ``Conditioning`` a model takes; the one place where training drops
+    conditions (docs/method.md §5) and where sampling's conditional and semantic-null conditions are made.
+
+    ``text`` is the run's ``ldmkit.text.TextConditioner`` (None for class-conditional models): it encodes
+    and pads captions, and its encoding of the empty prompt is the text model's semantic null. The
+    control null is ``Conditioning.drop_control``; the class null is ``Conditioning.drop_semantic``.
+    """
+
+    def __init__(self, text=None, p_drop_semantic: float = 0.0, p_drop_control: float = 0.0) -> None:
+        self.text = text
+        self.p_drop_semantic, self.p_drop_control = p_drop_semantic, p_drop_control
+
+    def draw(self, batch_size: int, device: torch.device, generator: torch.Generator) -> ConditionDraws:
+        """The step's dropout decisions (and padding noise), from the step's generator, in a fixed order."""
+        dropped = torch.rand(batch_size, device=device, generator=generator) < self.p_drop_semantic
+        ctrl_dropped = torch.rand(batch_size, device=device, generator=generator) < self.p_drop_control
+        noise = None
+        if self.text is not None and self.text.needs_noise(training=True):
+            noise = torch.randn((batch_size, self.text.length, self.text.width), device=device, generator=generator)
+        return ConditionDraws(dropped, ctrl_dropped, noise)
+
+    def for_training(self, batch, draws: ConditionDraws, device: torch.device) -> Conditioning:
+        """The condition of a ``ldmkit.data.batch.Batch`` with its rows of ``draws`` applied: a dropped
+        class becomes the null class, a dropped caption the empty prompt (encoded and padded like any
+        other), dropped control metadata the learned null."""
+        cond = batch.cond.to(device)
+        dropped = draws.semantic_dropped
+        if self.text is None:
+            cond = cond.drop_semantic(dropped)
+        elif batch.text is not None:  # cached encoder outputs
+            cond = replace(cond, class_ids=None, **self.text.from_encoded(
+                batch.text, batch.text_n_valid, batch.text_pooled, dropped=dropped, training=True,
+                device=device, eps=draws.pad_noise))
+        else:
+            keep = (~dropped).tolist()
+            captions = [c if k else "" for c, k in zip(batch.captions, keep)]
+            cond = replace(cond, class_ids=None, **self.text(captions, training=True, device=device,
+                                                             eps=draws.pad_noise))
+        return cond.drop_control(draws.control_dropped)
+
+    def for_sampling(self, control: dict[str, Tensor], *, class_ids: Optional[Tensor] = None,
+                     prompts: Optional[list[str]] = None) -> tuple[Conditioning, Optional[Conditioning]]:
+        """``(cond, uncond)`` for sampling class ids or prompts with ``control`` metadata in both; ``uncond``
+        is the semantic null (the encoded empty prompt; None for classes, whose null is the null class)."""
+        if (class_ids is None) == (prompts is None):
+            raise ValueError("Conditioner.for_sampling: give exactly one of class_ids and prompts")
+        if class_ids is not None:
+            return Conditioning(class_ids=class_ids, control=control), None
+        if self.text is None:
+            raise ValueError("Conditioner.for_sampling: prompts need a text conditioner (the model's text encoder)")
+        prompts = list(prompts)
+        cond = Conditioning(control=control, **self.text(prompts, training=False))
+        uncond = Conditioning(control=control, **self.text([""] * len(prompts), training=False))
+        return cond, uncond

@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 from torch import Tensor, nn
 
-from ldmkit.conditioning import Conditioning
+from ldmkit.conditioning import Conditioner, Conditioning
 from ldmkit.diffusion.ddpm import DDPM
 from ldmkit.diffusion.guidance import guided_velocity
 from ldmkit.diffusion.samplers import sample_ode
@@ -36,19 +36,10 @@ def default_control(n: int, image_size: int, orig_size: Optional[Sequence[float]
 
 def conditions_for(control: dict[str, Tensor], *, class_ids: Optional[Tensor] = None,
                    prompts: Optional[Sequence[str]] = None, text=None) -> tuple[Conditioning, Optional[Conditioning]]:
-    """``(cond, uncond)`` for sampling: class ids or prompts (encoded by ``text``, a
-    ``ldmkit.text.TextConditioner``), with ``control`` metadata in both. ``uncond`` is the semantic-null
-    condition (the encoded empty prompt; None for classes, whose null is the null class)."""
-    if (class_ids is None) == (prompts is None):
-        raise ValueError("conditions_for: give exactly one of class_ids and prompts")
-    if class_ids is not None:
-        return Conditioning(class_ids=class_ids, control=control), None
-    if text is None:
-        raise ValueError("conditions_for: prompts need a text conditioner (the model's text encoder)")
-    prompts = list(prompts)
-    cond = Conditioning(control=control, **text(prompts, training=False))
-    uncond = Conditioning(control=control, **text([""] * len(prompts), training=False))
-    return cond, uncond
+    """``(cond, uncond)`` for sampling class ids or prompts (``Conditioner.for_sampling`` with the text
+    conditioner ``text``)."""
+    return Conditioner(text).for_sampling(control, class_ids=class_ids,
+                                          prompts=None if prompts is None else list(prompts))
 
 
 FLOW_SAMPLERS = ("euler", "heun")

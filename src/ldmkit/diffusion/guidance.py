@@ -13,7 +13,6 @@ guided.
 
 from __future__ import annotations
 
-from dataclasses import replace
 from typing import Callable, Optional
 
 import torch
@@ -23,13 +22,6 @@ from ldmkit.conditioning import Conditioning
 from ldmkit.diffusion.samplers import VelocityFn
 
 ModelFn = Callable[[Tensor, Tensor, Conditioning], Tensor]
-
-
-def drop_control(cond: Conditioning) -> Conditioning:
-    """``cond`` with every row's control metadata replaced by the model's learned null (∅_ctrl)."""
-    B = cond.batch_size
-    device = next((t.device for _, t in cond._tensors()), torch.device("cpu"))
-    return replace(cond, control_dropped=torch.ones(B, dtype=torch.bool, device=device))
 
 
 def guided_velocity(model: ModelFn, cond: Conditioning, guidance: float = 1.0,
@@ -58,7 +50,7 @@ def guided_velocity(model: ModelFn, cond: Conditioning, guidance: float = 1.0,
     three = control_guidance != 1.0 or force_three
     if guidance == 1.0 and not three:
         return lambda x, t: model(x, t, cond)
-    branches = [drop_control(uncond), uncond, cond] if three else [uncond, cond]
+    branches = [uncond.drop_control(), uncond, cond] if three else [uncond, cond]
     both = Conditioning.cat(branches)
     k = len(branches)
     t_lo, t_hi = interval

@@ -28,6 +28,7 @@ import os
 import re
 import shutil
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -240,6 +241,41 @@ def _build(model_json: dict[str, Any], weights: dict[str, torch.Tensor], source:
         raise CheckpointError(f"{str(source)!r}: its model.json and weights do not make a model "
                               f"({str(e).splitlines()[0]})") from None
     return model
+
+
+def weights_path(directory: str | Path, ema: bool = True) -> Path:
+    """The weights file of a checkpoint (EMA or raw) or of a weights directory (always raw)."""
+    directory = Path(directory)
+    return directory / ("ema.safetensors" if ema and is_checkpoint(directory) else "model.safetensors")
+
+
+def read_model_json(directory: str | Path) -> dict[str, Any]:
+    """The ``{"arch": ..., constructor kwargs}`` of a checkpoint or weights directory."""
+    return _read_json(Path(directory) / "model.json")
+
+
+def read_run_config(checkpoint: str | Path) -> dict[str, Any]:
+    """The run config a checkpoint was trained with (``ldmkit.config.to_dict`` layout)."""
+    return _read_json(Path(checkpoint) / "config.json")
+
+
+@dataclass
+class CheckpointContents:
+    """Everything a checkpoint holds, read back (``save_checkpoint``'s arguments)."""
+
+    model_state: dict[str, torch.Tensor]
+    ema_state: dict[str, torch.Tensor]
+    optimizer_state: dict[str, Any]
+    train_state: dict[str, Any]  # counters, random streams, guard state
+
+
+def read_checkpoint(checkpoint: str | Path) -> CheckpointContents:
+    """The weights, EMA, optimizer and training state of a (verified) checkpoint, to resume from."""
+    ckpt = Path(checkpoint)
+    state = load_train_state(ckpt)
+    optimizer = state.pop("optimizer")
+    return CheckpointContents(read_weights(ckpt / "model.safetensors"), read_weights(ckpt / "ema.safetensors"),
+                              optimizer, state)
 
 
 def load_model(checkpoint: str | Path, ema: bool = True,

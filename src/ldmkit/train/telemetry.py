@@ -16,6 +16,7 @@ from typing import Any, Optional
 import torch
 
 from ldmkit.models.flops import forward_flops_per_image  # noqa: F401 - re-exported for older imports
+from ldmkit.train import distributed as D
 from ldmkit.train.metrics import MetricsLog
 
 # Dense peak TFLOP/s per GPU by (name fragment, precision). SXM parts unless the name says otherwise.
@@ -102,3 +103,79 @@ def _start_wandb(run_dir: Path, config: dict[str, Any], project: str, mode: str)
     id_file.write_text(run_id)
     return wandb.init(project=project, name=run_dir.name, id=run_id, resume="allow", dir=str(run_dir),
                       mode=mode, config=config)
+
+
+LOSS_BINS = (0.0, 0.25, 0.5, 0.75, 1.0)  # the loss is also logged per timestep bin
+
+
+class StepWindow:
+    """Running sums between two log lines, kept on the device (no per-step host sync for logging).
+
+    ``flush`` turns them into one metrics record: the global-batch loss (and per timestep bin), the
+    gradient norm, throughput, MFU and memory.
+    """
+
+    def __init__(self, dist, batch_size: int, tokens_per_image: Optional[int] = None,
+                 flops_per_image: Optional[float] = None, peak: Optional[float] = None) -> None:
+        self.dist, self.device, self.batch_size = dist, dist.device, batch_size
+        self.tokens_per_image, self.flops_per_image, self.peak = tokens_per_image, flops_per_image, peak
+        self.edges = torch.tensor(LOSS_BINS[1:-1], device=self.device)
+        self.reset()
+
+    def reset(self) -> None:
+        dev, nb = self.device, len(LOSS_BINS) - 1
+        self.loss = torch.zeros((), device=dev, dtype=torch.float64)
+        self.grad = torch.zeros((), device=dev, dtype=torch.float64)
+        self.bin_sum = torch.zeros(nb, device=dev, dtype=torch.float64)
+        self.bin_n = torch.zeros(nb, device=dev, dtype=torch.float64)
+        self.good = self.steps = 0
+        self.data_s = self.step_s = 0.0
+        self.lr = 0.0
+        reset_peak_memory(dev)
+
+    def add(self, out: dict[str, Any], step_s: float) -> None:
+        """Account one step's record (``train.step.TrainStep``) and its wall time."""
+        self.steps += 1
+        self.lr = out["lr"]
+        self.data_s += out["data_s"]
+        self.step_s += step_s
+        if not out["bad"]:
+            self.good += 1
+            self.loss += out["loss"].double()
+            self.grad += out["grad_norm"].double()
+            bins = torch.bucketize(out["t"], self.edges)
+            self.bin_sum.index_add_(0, bins, out["per_sample"].double())
+            self.bin_n.index_add_(0, bins, torch.ones_like(out["per_sample"], dtype=torch.float64))
+
+    def flush(self, step: int, elapsed: float, skipped_steps: int) -> dict[str, Any]:
+        """The metrics record of the window ending at ``step`` (collective: every rank calls it)."""
+        d = self.dist
+        # the loss is already the global-batch mean on each rank's share; average it over ranks
+        loss = D.sum_across_ranks(d, self.loss) / d.world_size
+        bins = D.sum_across_ranks(d, torch.stack([self.bin_sum, self.bin_n]))
+        images_per_s = self.steps * self.batch_size / max(self.step_s, 1e-9)
+        record: dict[str, Any] = {
+            "step": step,
+            "loss": (loss / self.good).item() if self.good else float("nan"),
+            "grad_norm": (self.grad / self.good).item() if self.good else float("nan"),
+            "lr": self.lr,
+            "images_per_s": images_per_s,
+            "steps_per_s": self.steps / max(self.step_s, 1e-9),
+            "data_wait_frac": self.data_s / max(self.step_s, 1e-9),
+            "peak_mem_gib": peak_memory_gib(self.device),
+            "elapsed_s": elapsed,
+            "skipped_steps": skipped_steps,
+        }
+        if self.tokens_per_image:
+            record["tokens_per_s"] = images_per_s * self.tokens_per_image
+        if self.flops_per_image:
+            record["model_tflops_per_image"] = self.flops_per_image / 1e12
+            achieved = self.flops_per_image * images_per_s / 1e12  # over all ranks
+            record["model_tflops_per_s"] = achieved
+            if self.peak:
+                record["mfu"] = achieved / (self.peak * d.world_size)
+        for i in range(len(LOSS_BINS) - 1):
+            if bins[1, i] > 0:
+                record[f"loss_t{LOSS_BINS[i]:.2f}-{LOSS_BINS[i + 1]:.2f}"] = (bins[0, i] / bins[1, i]).item()
+        self.reset()
+        return record

@@ -12,6 +12,7 @@ values from the source is an error unless ``allow_partial``: it almost always me
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from dataclasses import asdict, dataclass, field
@@ -19,23 +20,27 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import torch
-from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from ldmkit.models import PRESETS, constructor_keys
 from ldmkit.models.positions import adapt_grid_table, adapt_relative_table
-from ldmkit.train.checkpoint import is_checkpoint, is_weights_dir, resolve_checkpoint
+from ldmkit.train.checkpoint import (is_checkpoint, is_weights_dir, read_model_json, read_run_config, read_weights,
+                                     resolve_checkpoint, weights_path)
 
 
-@dataclass
 class TransferSource:
-    """The weights and model config (``model.json``) of a checkpoint, run or weights directory, plus the
-    run config when there is one (``None`` for a weights directory)."""
+    """A checkpoint, run or weights directory to start from: its model config (``model.json``), its run
+    config when there is one (``None`` for a weights directory), and its weights (EMA for a checkpoint or
+    run), read from disk the first time they are asked for."""
 
-    path: Path
-    weights: dict[str, Tensor]
-    model_json: dict[str, Any]
-    run_config: Optional[dict[str, Any]]
+    def __init__(self, path: Path, model_json: dict[str, Any], run_config: Optional[dict[str, Any]],
+                 weights_file: Path) -> None:
+        self.path, self.model_json, self.run_config = path, model_json, run_config
+        self._weights_file = weights_file
+
+    @functools.cached_property
+    def weights(self) -> dict[str, Tensor]:
+        return read_weights(self._weights_file)
 
     @property
     def grid(self) -> Optional[int]:
@@ -56,30 +61,16 @@ class TransferSource:
 
 
 def read_source(source: str | Path, key: str = "init.from") -> TransferSource:
-    """Weights (EMA for a checkpoint or run directory) and configs of ``source``; errors name ``key``."""
+    """The configs of ``source`` (its weights are read when first used); errors name ``key``."""
     path = Path(source)
     if is_weights_dir(path) and not is_checkpoint(path):
-        return TransferSource(path, load_file(str(path / "model.safetensors")),
-                              json.loads((path / "model.json").read_text()), None)
-    try:
-        ckpt = resolve_checkpoint(path)
+        return TransferSource(path, read_model_json(path), None, weights_path(path, ema=False))
+    try:  # only the files a transfer reads are verified (not the optimizer state)
+        ckpt = resolve_checkpoint(path, files=("ema.safetensors", "model.json", "config.json"))
     except FileNotFoundError as e:
         raise FileNotFoundError(f"{key}: {e}; a weights directory (model.json + model.safetensors, e.g. from "
                                 "`ldmkit convert`) also works") from None
-    return TransferSource(ckpt, load_file(str(ckpt / "ema.safetensors")),
-                          json.loads((ckpt / "model.json").read_text()),
-                          json.loads((ckpt / "config.json").read_text()))
-
-
-def read_source_config(source: str | Path, key: str = "init.from") -> Optional[dict[str, Any]]:
-    """The run config of ``source`` (None for a weights directory), without reading its weights."""
-    path = Path(source)
-    if is_weights_dir(path) and not is_checkpoint(path):
-        return None
-    try:
-        return json.loads((resolve_checkpoint(path) / "config.json").read_text())
-    except FileNotFoundError as e:
-        raise FileNotFoundError(f"{key}: {e}") from None
+    return TransferSource(ckpt, read_model_json(ckpt), read_run_config(ckpt), weights_path(ckpt, ema=True))
 
 
 def read_class_list(path: str | Path, key: str) -> list[str]:
