@@ -425,31 +425,64 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    import torch
-
     from ldmkit.models import convert
-    from ldmkit.train.checkpoint import load_model, save_weights
+    from ldmkit.train.checkpoint import is_checkpoint, is_weights_dir, load_model, resolve_checkpoint, save_weights
 
     out = Path(args.out)
     if out.exists() and any(out.iterdir()):
         raise ConfigError(f"output directory {str(out)!r} exists and is not empty")
-    if args.direction == "to-diffusers":
-        model, _ = load_model(args.source, ema=not args.no_ema)
-        dm = convert.to_diffusers(model)
-        dm.save_pretrained(str(out))
-        print(f"Wrote diffusers {type(dm).__name__} ({'raw' if args.no_ema else 'EMA'} weights of "
-              f"{args.source}) to {out}")
-    elif args.direction == "from-diffusers":
-        model = convert.from_diffusers(convert.load_diffusers(args.source, args.subfolder))
-        save_weights(model, out)
-        print(f"Wrote ldmkit {model.arch} weights to {out} (model.json + model.safetensors)")
-    else:  # from-official-dit
-        from ldmkit.models.convert_dit import from_official
+    if args.direction != "from-official-dit" and (args.num_heads is not None or args.num_classes is not None):
+        raise ConfigError("--num-heads and --num-classes apply to from-official-dit only")
+    try:
+        if args.direction == "to-diffusers":
+            from ldmkit.model_card import export_card, write_card
 
-        state = torch.load(args.source, map_location="cpu", weights_only=True)
-        save_weights(from_official(state), out)
-        print(f"Wrote ldmkit dit weights to {out} (model.json + model.safetensors)")
+            source = Path(args.source)
+            model, config = load_model(source, ema=not args.no_ema)
+            weights_only = is_weights_dir(source) and not is_checkpoint(source)
+            ckpt = None if weights_only else resolve_checkpoint(source)
+            dm, extra = convert.save_diffusers(model, out)
+            card = write_card(out / "README.md", export_card(
+                model, source=str(args.source), diffusers_class=type(dm).__name__, ema=not args.no_ema,
+                config=config, checkpoint=ckpt, extra_files=tuple(extra)))
+            print(f"Wrote diffusers {type(dm).__name__} ({'raw' if args.no_ema else 'EMA'} weights of "
+                  f"{args.source}) to {out}" + (f", with its class table in {', '.join(extra)}" if extra else "")
+                  + f"; model card {card.name}")
+        elif args.direction == "from-diffusers":
+            model = convert.load_diffusers_as_ldmkit(args.source, args.subfolder)
+            save_weights(model, out)
+            print(f"Wrote ldmkit {model.arch} weights to {out} (model.json + model.safetensors)")
+        else:  # from-official-dit
+            from ldmkit.models.convert_dit import load_official
+
+            if not Path(args.source).is_file():
+                raise ConfigError(f"{args.source!r} does not exist")
+            model, sources = load_official(args.source, num_heads=args.num_heads, num_classes=args.num_classes)
+            save_weights(model, out)
+            kw = model.init_kwargs
+            print(f"Wrote ldmkit dit weights to {out} (model.json + model.safetensors): width {kw['hidden_size']}, "
+                  f"{kw['num_heads']} heads (from {sources['num_heads']}), {kw['num_classes']} classes (from "
+                  f"{sources.get('num_classes') or sources.get('has_null_class')})")
+    except ValueError as e:  # a model or file the conversion cannot express: one line, no traceback
+        if isinstance(e, ConfigError):
+            raise
+        raise ConfigError(str(e).splitlines()[0] if str(e) else type(e).__name__) from e
     return 0
+
+
+def _positive_int(flag: str):
+    """An argparse type: an integer >= 1 (a one-line error otherwise)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{flag}: expected an integer, got {text!r}") from None
+        if value < 1:
+            raise argparse.ArgumentTypeError(f"{flag}: must be >= 1, got {value}")
+        return value
+
+    return parse
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -610,6 +643,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out", help="output directory (must not exist or be empty)")
     p.add_argument("--subfolder", help="from-diffusers: subfolder of a pipeline (e.g. transformer, unet)")
     p.add_argument("--no-ema", action="store_true", help="to-diffusers: the raw weights, not the EMA")
+    p.add_argument("--num-heads", type=_positive_int("--num-heads"),
+                   help="from-official-dit: attention heads (needed for widths other than DiT's S/B/L/XL)")
+    p.add_argument("--num-classes", type=_positive_int("--num-classes"),
+                   help="from-official-dit: classes of the checkpoint; a class table of N+1 rows then has the null "
+                        "row, one of N rows has none (trained without label dropout). Needed unless the table is "
+                        "ImageNet-1k's (1001 or 1000 rows) or a JSON beside the file says it")
     p.set_defaults(func=cmd_convert)
     return parser
 
