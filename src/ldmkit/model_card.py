@@ -110,12 +110,14 @@ def _training_lines(record: Mapping[str, Any]) -> list[str]:
         return [f"- Training steps: {step if step is not None else 'unknown'}",
                 "- Training data, objective: unknown (a weights-only directory carries no training config)"]
     lines = []
+    planned = record.get("planned_steps")
+    planned_text = f" of {planned:,} planned" if isinstance(planned, int) else ""
     if step is not None:
-        seen = f" ({step * record['batch_size']:,} samples at batch {record['batch_size']})" if record.get(
-            "batch_size") else ""
-        lines.append(f"- Training steps: {step:,} of {record.get('planned_steps'):,} planned{seen}")
+        batch = record.get("batch_size")
+        seen = f" ({step * batch:,} samples at batch {batch})" if isinstance(batch, int) else ""
+        lines.append(f"- Training steps: {step:,}{planned_text}{seen}")
     else:
-        lines.append(f"- Training steps: unknown ({record.get('planned_steps')} planned)")
+        lines.append(f"- Training steps: unknown{planned_text}")
     data = f"`{record.get('data')}`" + (f" at `{record['data_path']}`" if record.get("data_path") else "")
     lines += [
         f"- Training data: {data}, {record.get('image_size')} px, {record.get('semantic')}-conditional"
@@ -183,7 +185,10 @@ def eval_card(model: nn.Module, *, checkpoint: str, metrics: Mapping[str, Any], 
         else:
             rows.append(f"| {name} | {_format(metrics[key])} | | | |")
     notes = [f"- {k}: {v}" for k, v in metrics.items() if isinstance(v, str)]
+    notes += [f"- {k}: skipped: {why}" for k, why in (metrics.get("skipped") or {}).items()]
     p = protocol
+    ref_notes = (p.get("extra") or {}).get("reference_statistics") or {}
+    notes += [f"- reference {kind} statistics from {where}" for kind, where in ref_notes.items()]
     lines = [
         f"# Evaluation of {model.arch}: {checkpoint}",
         "",
