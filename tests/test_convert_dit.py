@@ -187,7 +187,8 @@ def test_official_cli_options_side_json_and_training_args(tmp_path, capsys):
     assert main(["convert", "from-official-dit", str(tmp_path / "tiny.pt"), str(tmp_path / "a")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("ldmkit: error: ") and "--num-heads" in err and len(err.strip().splitlines()) == 1
-    assert main(["convert", "from-official-dit", str(tmp_path / "tiny.pt"), str(tmp_path / "a"), "--num-heads", "3"]) == 2
+    assert main(["convert", "from-official-dit", str(tmp_path / "tiny.pt"), str(tmp_path / "a"),
+                 "--num-heads", "3"]) == 2
     assert "--num-classes" in capsys.readouterr().err
     with pytest.warns(UserWarning, match="no null-class row"):
         assert main(["convert", "from-official-dit", str(tmp_path / "tiny.pt"), str(tmp_path / "a"),

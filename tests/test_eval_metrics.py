@@ -51,7 +51,8 @@ def frechet(a: np.ndarray, b: np.ndarray) -> float:
 
 @pytest.mark.slow  # ~60 s: five square roots of 2000 x 2000 matrices (scipy's sqrtm, as FID needs) on one core
 @pytest.mark.filterwarnings("ignore::scipy.linalg.LinAlgWarning")
-def test_sfid_fd_dinov2_and_seed_sets_against_numpy(run, inception_file, dinov2_file, weights_env, tmp_path):  # noqa: F811
+def test_sfid_fd_dinov2_and_seed_sets_against_numpy(run, inception_file, dinov2_file, weights_env,  # noqa: F811
+                                                    tmp_path):
     ref = tmp_path / "ref.npz"
     assert main(["eval", "stats", str(run / "config.yaml"), "--num", "8", "--out", str(ref),
                  "--dinov2", str(dinov2_file)]) == 0
@@ -102,9 +103,9 @@ def test_sfid_fd_dinov2_and_seed_sets_against_numpy(run, inception_file, dinov2_
     model, saved = load_model(run)
     cfg = from_dict(saved)
     make_cond, _ = condition_maker(model, 16, 6)
-    single = generate_eval_set(model, tmp_path / "single", 6, 16, (3, 16, 16), {**sample_settings(cfg, model), "steps": 2},
-                               make_cond=make_cond, decode=build_autoencoder(cfg.autoencoder).decode, seed=0, chunk=2,
-                               progress=False)
+    settings = {**sample_settings(cfg, model), "steps": 2}
+    single = generate_eval_set(model, tmp_path / "single", 6, 16, (3, 16, 16), settings, make_cond=make_cond,
+                               decode=build_autoencoder(cfg.autoencoder).decode, seed=0, chunk=2, progress=False)
     one = np.load(merge_parts(single, tmp_path / "single.npz"))["arr_0"]
     np.testing.assert_array_equal(np.load(out / "set_0" / "samples.npz")["arr_0"], one)
     assert not np.array_equal(np.load(out / "set_1" / "samples.npz")["arr_0"], one)
@@ -223,7 +224,8 @@ def test_chunk_features_do_not_depend_on_the_number_of_ranks(run, inception_file
     for name in a:
         np.testing.assert_array_equal(a[name], b[name])
     # ... and the same as featurising the whole set at once, up to float32 rounding of batch composition
-    whole = inception.extract_all(np.load(merge_parts(paths, tmp_path / "one.npz"))["arr_0"], outputs=("pool", "spatial"))
+    images = np.load(merge_parts(paths, tmp_path / "one.npz"))["arr_0"]
+    whole = inception.extract_all(images, outputs=("pool", "spatial"))
     for name in a:
         np.testing.assert_allclose(a[name], whole[name], rtol=1e-5, atol=1e-5 * np.abs(whole[name]).max())
     # complete files are kept; a file from other weights is recomputed
@@ -278,3 +280,29 @@ def test_torchrun_two_ranks_score_like_one_process(run, inception_file, weights_
     one = json.loads((tmp_path / "one" / "metrics.json").read_text())["metrics"]
     two = json.loads((tmp_path / "two" / "metrics.json").read_text())["metrics"]
     assert one == two and one["fid"] > 0
+
+
+def test_eval_stats_of_a_folder_and_an_npz_store_spatial_statistics(inception_file, weights_env, tmp_path,  # noqa: F811
+                                                                    capsys):
+    from PIL import Image
+
+    rng = np.random.default_rng(4)
+    images = rng.integers(0, 256, size=(3, 16, 16, 3), dtype=np.uint8)
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i, im in enumerate(images):
+        Image.fromarray(im).save(folder / f"{i}.png")
+    (folder / "broken.png").write_bytes(b"not a png")
+    np.savez(tmp_path / "images.npz", arr_0=images)
+    feats = InceptionFeatures(weights=inception_file, progress=False).extract_all(images, outputs=("pool", "spatial"))
+    for source, out in ((folder, tmp_path / "a.npz"), (tmp_path / "images.npz", tmp_path / "b.npz")):
+        assert main(["eval", "stats", str(source), "--out", str(out), "--batch-size", "2"]) == 0
+        with np.load(out) as d:
+            assert int(d["n"]) == 3
+            # (float32 features in other batch compositions: equal up to rounding)
+            np.testing.assert_allclose(d["mu"], feats["pool"].mean(0), rtol=1e-4, atol=1e-5)
+            np.testing.assert_allclose(d["mu_s"], feats["spatial"].mean(0), rtol=1e-4, atol=1e-5)
+            np.testing.assert_allclose(d["sigma_s"], np.cov(feats["spatial"], rowvar=False), rtol=1e-4, atol=1e-5)
+            assert "mu_dinov2" not in d.files
+    printed = capsys.readouterr().out
+    assert "1 skipped" in printed and "mu_s, sigma_s (sFID)" in printed and "no DINOv2 weights" in printed

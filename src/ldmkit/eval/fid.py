@@ -344,7 +344,9 @@ def load_reference(
                 f"features_fn, e.g. ldmkit.eval.inception.InceptionFeatures().extract, to compute them"
             )
         return stats_from_features(features_fn(NpzImageBatches(path, "arr_0", batch_size)))
-    raise KeyError(f"{path}: expected {' and '.join(STAT_KEYS[kind])}, or arr_0 (images), in the npz; found keys {files}")
+    raise KeyError(
+        f"{path}: expected {' and '.join(STAT_KEYS[kind])}, or arr_0 (images), in the npz; found keys {files}"
+    )
 
 
 # ---------------------------------------------------------------------- image folders

@@ -311,7 +311,8 @@ class Reference:
             self.notes[kind] = source
             return stats_from_features(feats), source
         if self.num_images is not None:
-            return None, f"the reference has no {mu_key}/{sigma_key} and no {kind} network to compute them from its images"
+            return None, (f"the reference has no {mu_key}/{sigma_key} and no {kind} network to compute them from "
+                          "its images")
         return None, f"the reference has no {mu_key}/{sigma_key} and no images (arr_0) to compute them from"
 
     def pool_features(self) -> Optional[np.ndarray]:
