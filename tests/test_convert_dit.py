@@ -253,3 +253,16 @@ def test_convert_cli_round_trip(tmp_path, capsys):
     assert main(["convert", "from-official-dit", str(tmp_path / "official.pt"), str(tmp_path / "off"),
                  "--num-classes", "3"]) == 0
     assert load_weights(tmp_path / "off").init_kwargs == src.init_kwargs
+
+
+def test_official_file_with_other_python_objects_is_refused_not_unpickled(tmp_path, capsys):
+    from ldmkit.cli import main
+
+    from fractions import Fraction  # any class a weights-only load does not construct
+
+    _, sd = _official_state()
+    torch.save({"model": sd, "extra": Fraction(1, 3)}, tmp_path / "opaque.pt")
+    assert main(["convert", "from-official-dit", str(tmp_path / "opaque.pt"), str(tmp_path / "o"),
+                 "--num-heads", "3", "--num-classes", "4"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("ldmkit: error: ") and "weights_only" in err and len(err.strip().splitlines()) == 1

@@ -290,9 +290,16 @@ def load_official(path: str | Path, num_heads: Optional[int] = None, num_classes
     """
     import argparse
 
+    import pickle
+
     path = Path(path)
-    with torch.serialization.safe_globals([argparse.Namespace]):
-        state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:  # never fall back to a full unpickle: it could run any code
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"{path}: holds Python objects besides tensors and DiT's training args, which are not "
+                         f"loaded (weights_only); save its state dict alone ({first})") from None
     if not isinstance(state, dict):
         raise ValueError(f"{path}: expected a state dict or a DiT training checkpoint, got {type(state).__name__}")
     sources: dict[str, str] = {}
