@@ -78,6 +78,7 @@ def test_stats_fid_resume_and_protocol(run, inception_file, tmp_path, monkeypatc
     expected = reference_fid(images, ref_images, features)
     assert expected > 1e-3 and result["metrics"]["fid"] == pytest.approx(expected, rel=1e-4)
     assert 0 <= result["metrics"]["precision"] <= 1 and 0 <= result["metrics"]["recall"] <= 1
+    assert result["metrics"]["sfid"] > 0  # eval stats stores mu_s/sigma_s (checked against numpy: test_eval_metrics)
 
     # resume: a missing chunk is generated again, identically; the others are not touched
     parts = sorted((out / "parts").glob("part_*.npz"))
@@ -152,6 +153,8 @@ def test_text_model_fid_cycles_captions_and_adds_clip_score(tmp_path, inception_
     from ldmkit.eval.clip_score import CLIPScorer
 
     monkeypatch.setenv("LDMKIT_INCEPTION_WEIGHTS", str(inception_file))
+    monkeypatch.delenv("LDMKIT_DINOV2_WEIGHTS", raising=False)
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))  # no DINOv2 weights anywhere
     run = tmp_path / "t2i"
     train(load_config(None, [*TINY_T2I, "train.steps=2", "eval.shapes_at_end=false", f"run.dir={run}"]),
           progress=False)
@@ -167,12 +170,18 @@ def test_text_model_fid_cycles_captions_and_adds_clip_score(tmp_path, inception_
     result = json.loads((out / "metrics.json").read_text())
     assert result["protocol"]["conditioning"].startswith("captions (2 prompts")
     assert "precision_recall" in result["metrics"]  # the reference has statistics only: skipped, and said so
+    skipped = result["metrics"]["skipped"]  # no spatial statistics, no DINOv2 weights: skipped with a note
+    assert "mu_s/sigma_s" in skipped["sfid"] and "DINOv2 weights" in skipped["fd_dinov2"]
+    assert "sfid" not in result["metrics"] and "fd_dinov2" not in result["metrics"]
     with np.load(out / "samples.npz") as d:
         images, idx = d["arr_0"], d["arr_1"]
     assert idx.tolist() == [0, 1, 0]
     prompts = captions.read_text().splitlines()
     expected = CLIPScorer.from_pretrained(clip_dirs[0]).score(images, [prompts[i] for i in idx]).mean()
     assert result["metrics"]["clip_score"] == pytest.approx(float(expected), rel=1e-6)
+    card = (out / "MODEL_CARD.md").read_text()
+    assert f"| CLIPScore | {result['metrics']['clip_score']:.4f} |" in card and "text-conditional" in card
+    assert f"| FID | {result['metrics']['fid']:.4f} |" in card and "sfid: " in card  # the skip note
 
 
 def test_a_reference_of_images_only_is_featurised_once_for_fid_and_precision_recall(tmp_path):

@@ -243,7 +243,7 @@ def test_micro_conditioning_defaults_match_diffusers_time_ids():
 def test_ldm_style_class_conditional_both_ways():
     ref = make_diffusers(LDM_TINY, seed=4)
     table = torch.randn(11, 16, generator=torch.Generator().manual_seed(4))  # 10 classes + null row
-    model = from_diffusers(ref, class_table=table)
+    model = from_diffusers(ref, class_table=table, text=False)
     kw = model.init_kwargs
     assert kw["num_classes"] == 10 and kw["class_embed_dim"] == 16 and kw["context_dim"] == 0
     assert kw["num_heads"] == 1 and kw["num_head_channels"] == -1 and not kw["linear_projection"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 import sys
 import traceback
 from pathlib import Path
@@ -303,13 +304,17 @@ def _captions(args: argparse.Namespace, cfg, dataset) -> list[str] | None:
 
 
 def cmd_eval_fid(args: argparse.Namespace) -> int:
-    from dataclasses import asdict
+    from dataclasses import asdict, fields
 
     from ldmkit.autoencoders import build_autoencoder
+    from ldmkit.config import to_dict
     from ldmkit.data import build_dataset
+    from ldmkit.eval import dinov2 as dino
     from ldmkit.eval.inception import InceptionFeatures, load_fid_inception, resolve_inception_weights
-    from ldmkit.eval.protocol import (Protocol, condition_maker, generate_eval_set, merge_parts, score_samples,
-                                      write_result)
+    from ldmkit.eval.protocol import (Featurizer, Protocol, Reference, aggregate_seed_sets, condition_maker,
+                                      featurize_chunks, generate_eval_set, merge_features, merge_parts,
+                                      score_features, seed_set_seed, weights_tag, write_result)
+    from ldmkit.model_card import eval_card, write_card
     from ldmkit.sampling import settings_record
     from ldmkit.train import distributed as D
 
@@ -318,8 +323,12 @@ def cmd_eval_fid(args: argparse.Namespace) -> int:
     if not Path(args.ref).is_file():
         raise ConfigError(f"--ref: reference statistics {args.ref!r} do not exist (make them with `ldmkit eval "
                           "stats`, or download an ADM reference batch, see docs/evaluation.md)")
+    # fail before hours of sampling, not after: Inception must exist; DINOv2 must if it was asked for by path
     weights = resolve_inception_weights(args.inception)
     load_fid_inception(weights)  # a wrong or damaged file fails now, not after hours of sampling
+    if args.no_dinov2 and args.dinov2:
+        raise ConfigError("--dinov2 and --no-dinov2 contradict each other")
+    dinov2_weights = None if args.no_dinov2 else dino.find_dinov2_weights(args.dinov2)
     dist = D.init_distributed(args.device)
     args.device = str(dist.device)
     try:
@@ -334,6 +343,7 @@ def cmd_eval_fid(args: argparse.Namespace) -> int:
         make_cond, conditioning = condition_maker(model, cfg.data.image_size, args.num_samples, text=text,
                                                   captions=captions, control=_control_settings(args, cfg))
         record = settings_record(settings)
+        num_chunks = (args.num_samples + args.chunk - 1) // args.chunk
         protocol = Protocol(
             num_samples=args.num_samples, seed=args.seed, sampler=record["sampler"], steps=record["steps"],
             guidance=record["guidance"], control_guidance=record["control_guidance"], interval=record["interval"],
@@ -342,49 +352,76 @@ def cmd_eval_fid(args: argparse.Namespace) -> int:
             reference=str(Path(args.ref).resolve()), inception=str(weights),
             extra={"control": {k: (list(v) if isinstance(v, tuple) else v)
                                for k, v in _control_settings(args, cfg).items()},
-                   "clip_model": args.clip})
+                   "clip_model": args.clip},
+            seed_sets=args.seed_sets,
+            seed_scheme=("chunk c uses seed + c" if args.seed_sets == 1 else
+                         f"set k (0..{args.seed_sets - 1}), chunk c: seed + k * {num_chunks} + c (C = {num_chunks} "
+                         "chunks per set): no seed is shared between sets, and set 0 is the single-set evaluation"),
+            dinov2="" if dinov2_weights is None else str(dinov2_weights),
+            dinov2_preprocessing="" if dinov2_weights is None else dino.PREPROCESSING)
         out = Path(args.out) if args.out else ckpt / f"eval_fid_{args.num_samples}"
         saved = out / "protocol.json"
         if dist.is_main:
             out.mkdir(parents=True, exist_ok=True)
             if saved.is_file():  # resuming: the chunks on disk must come from the same protocol
-                old = json.loads(saved.read_text())
-                diff = sorted(k for k in asdict(protocol) if old.get(k) != asdict(protocol)[k] and k != "inception")
+                old, new = json.loads(saved.read_text()), asdict(protocol)
+                defaults = {f.name: f.default for f in fields(Protocol)}  # keys added since the file was written
+                weights_only = ("inception", "dinov2", "dinov2_preprocessing", "features")  # cached by weights tag
+                diff = sorted(k for k in new if old.get(k, defaults.get(k)) != new[k] and k not in weights_only)
                 if diff:
                     raise ConfigError(f"{str(out)!r} holds an evaluation with a different {', '.join(diff)}; "
                                       "use another --out")
-            else:
-                saved.write_text(json.dumps(asdict(protocol), indent=2))
+            saved.write_text(json.dumps(asdict(protocol), indent=2))
         D.barrier(dist)
-        paths = generate_eval_set(model, out, args.num_samples, cfg.data.image_size,
-                                  (ae.channels, cfg.data.image_size // ae.downsample,
-                                   cfg.data.image_size // ae.downsample), settings,
-                                  make_cond=make_cond, decode=ae.decode, seed=args.seed, chunk=args.chunk,
-                                  batch_size=args.batch_size, device=device, rank=dist.rank,
-                                  world_size=dist.world_size)
+        set_dirs = [out] if args.seed_sets == 1 else [out / f"set_{k}" for k in range(args.seed_sets)]
+        latent = (ae.channels, cfg.data.image_size // ae.downsample, cfg.data.image_size // ae.downsample)
+        paths = [generate_eval_set(model, d, args.num_samples, cfg.data.image_size, latent, settings,
+                                   make_cond=make_cond, decode=ae.decode, seed=seed_set_seed(args.seed, k, num_chunks),
+                                   chunk=args.chunk, batch_size=args.batch_size, device=device, rank=dist.rank,
+                                   world_size=dist.world_size)
+                 for k, d in enumerate(set_dirs)]
+        # every rank featurises its own chunks (the features do not depend on the number of ranks)
+        featurizer = Featurizer(  # (one progress bar over the chunks, not one per chunk)
+            InceptionFeatures(weights=weights, device=device, batch_size=args.inception_batch, progress=False),
+            None if dinov2_weights is None else dino.DINOv2Features(dinov2_weights, device=device,
+                                                                    batch_size=args.inception_batch, progress=False),
+            inception_score=args.inception_score, tag=weights_tag(weights, dinov2_weights))
+        feature_paths = [featurize_chunks(p, featurizer, rank=dist.rank, world_size=dist.world_size) for p in paths]
         D.barrier(dist)
         if not dist.is_main:
             return 0
-        samples = merge_parts(paths, out / "samples.npz")
-        inception = InceptionFeatures(weights=weights, device=device, batch_size=args.inception_batch)
-        metrics = score_samples(samples, args.ref, inception, with_pr=not args.no_pr, with_is=args.inception_score,
-                                cache_dir=out)
+        reference = Reference(args.ref, featurizer, cache_dir=out)
+        per_set = []
+        for k, d in enumerate(set_dirs):
+            samples = merge_parts(paths[k], d / "samples.npz")
+            metrics = score_features(merge_features(feature_paths[k]), reference, with_pr=not args.no_pr,
+                                     with_is=args.inception_score, stats_out=d / "samples_stats.npz")
+            if args.clip:  # CLIPScore = 100 max(cos, 0) of every sample with its own caption, averaged
+                import numpy as np
+
+                from ldmkit.eval.clip_score import CLIPScorer
+
+                with np.load(samples) as npz:
+                    images, idx = npz["arr_0"], npz["arr_1"]
+                scores = CLIPScorer.from_pretrained(args.clip, device=device).score(
+                    images, [captions[int(i)] for i in idx], progress=True)
+                metrics["clip_score"] = float(scores.mean())
+            per_set.append(metrics)
+        metrics = per_set[0] if args.seed_sets == 1 else aggregate_seed_sets(per_set)
         protocol.reference_count = metrics.pop("reference_count")
-        if args.clip:  # CLIPScore = 100 max(cos, 0) of every sample with its own caption, averaged
-            import numpy as np
-
-            from ldmkit.eval.clip_score import CLIPScorer
-
-            with np.load(samples) as d:
-                images, idx = d["arr_0"], d["arr_1"]
-            scores = CLIPScorer.from_pretrained(args.clip, device=device).score(
-                images, [captions[int(i)] for i in idx], progress=True)
-            metrics["clip_score"] = float(scores.mean())
+        if reference.notes:
+            protocol.extra["reference_statistics"] = reference.notes
         result = write_result(out, metrics, protocol, str(ckpt))
+        card = write_card(out / "MODEL_CARD.md", eval_card(model, checkpoint=str(ckpt), metrics=metrics,
+                                                           protocol=asdict(protocol), config=to_dict(cfg)))
         shown = ", ".join(f"{k} {v:.4g}" for k, v in metrics.items() if isinstance(v, float))
-        print(f"{shown} ({metrics['num_samples']} samples; {protocol.sampler} {protocol.steps} steps, guidance "
+        sets = f" x {args.seed_sets} seed sets (means)" if args.seed_sets > 1 else ""
+        print(f"{shown} ({metrics['num_samples']} samples{sets}; {protocol.sampler} {protocol.steps} steps, guidance "
               f"{protocol.guidance}; reference {args.ref})")
-        print(f"Wrote {samples} (ADM layout: arr_0 images, arr_1 labels) and {result}")
+        for name, why in metrics.get("skipped", {}).items():
+            print(f"note: {name} skipped: {why}")
+        where = "samples.npz" if args.seed_sets == 1 else "set_*/samples.npz"
+        print(f"Wrote {out / where} (ADM layout: arr_0 images, arr_1 labels), {result} and {card}")
         return 0
     finally:
         D.shutdown()
@@ -393,8 +430,10 @@ def cmd_eval_fid(args: argparse.Namespace) -> int:
 def cmd_eval_stats(args: argparse.Namespace) -> int:
     import numpy as np
 
+    from ldmkit.eval import dinov2 as dino
     from ldmkit.eval.fid import NpzImageBatches, stats_from_features, stats_from_folder
     from ldmkit.eval.inception import InceptionFeatures
+    from ldmkit.eval.protocol import Featurizer
     from ldmkit.train.build import pick_device
 
     device = pick_device(args.device)
@@ -402,16 +441,30 @@ def cmd_eval_stats(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.exists() and not args.overwrite:
         raise ConfigError(f"--out {str(out)!r} exists; choose another path or pass --overwrite")
-    inception = InceptionFeatures(weights=args.inception, device=device, batch_size=args.batch_size)
+    if args.no_dinov2 and args.dinov2:
+        raise ConfigError("--dinov2 and --no-dinov2 contradict each other")
+    dinov2_weights = None if args.no_dinov2 else dino.find_dinov2_weights(args.dinov2)
+    featurizer = Featurizer(
+        InceptionFeatures(weights=args.inception, device=device, batch_size=args.batch_size),
+        None if dinov2_weights is None else dino.DINOv2Features(dinov2_weights, device=device,
+                                                                batch_size=args.batch_size))
     extra: dict = {}
+    side: dict = {}
+
+    def pool_and_side(images) -> np.ndarray:
+        """Pool features (what the folder reader expects); the spatial and DINOv2 ones are kept aside."""
+        feats = featurizer(images)
+        side.update({k: v for k, v in feats.items() if k != "pool"})
+        return feats["pool"]
+
     if source.is_dir():
-        stats, report = stats_from_folder(source, features_fn=inception.extract)
+        stats, report = stats_from_folder(source, features_fn=pool_and_side)
         print(f"{report.num_used} images used, {report.num_skipped} skipped of {report.num_files} in {source}")
         for path, reason in report.skipped[:20]:
             print(f"  skipped {path}: {reason}")
         feats = None
     elif source.suffix == ".npz" and source.is_file():
-        feats = inception.extract(NpzImageBatches(source, "arr_0", 500))
+        feats = pool_and_side(NpzImageBatches(source, "arr_0", 500))
     elif source.suffix in (".yaml", ".yml") and source.is_file():
         import torch
 
@@ -423,20 +476,30 @@ def cmd_eval_stats(args: argparse.Namespace) -> int:
         n = min(args.num, len(dataset))  # the first n samples, epoch 0's augmentation
         images = np.concatenate([to_uint8(torch.stack([dataset.get(i, 0)["image"] for i in range(j, min(n, j + 500))]))
                                  .numpy() for j in range(0, n, 500)])
-        feats = inception.extract(images)
+        feats = pool_and_side(images)
         extra["arr_0"] = images  # an ADM-style reference batch: images for precision/recall too
     else:
         raise ConfigError(f"eval stats: {str(source)!r} is not an image folder, an .npz with arr_0 or a YAML recipe")
     if feats is not None:
         stats = stats_from_features(feats)
         extra["features"] = feats.astype(np.float32)
+    spatial = stats_from_features(side["spatial"])
+    extra["mu_s"], extra["sigma_s"] = spatial.mu, spatial.sigma  # ADM's sFID statistics
+    if "dinov2" in side:
+        dstats = stats_from_features(side["dinov2"])
+        extra["mu_dinov2"], extra["sigma_dinov2"] = dstats.mu, dstats.sigma
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp")
     with open(tmp, "wb") as f:
         np.savez(f, mu=stats.mu, sigma=stats.sigma, n=np.int64(stats.n or 0), **extra)
     tmp.replace(out)
-    print(f"Wrote {out}: mu, sigma of {stats.n} images" + (" (+ features" + (", images" if "arr_0" in extra else "")
-                                                           + ")" if extra else ""))
+    kept = ["features"] if "features" in extra else []
+    kept += ["images"] if "arr_0" in extra else []
+    print(f"Wrote {out}: mu, sigma (FID), mu_s, sigma_s (sFID)" + (", mu_dinov2, sigma_dinov2 (FD-DINOv2)"
+                                                                   if "dinov2" in side else "")
+          + f" of {stats.n} images" + (f" (+ {', '.join(kept)})" if kept else ""))
+    if "dinov2" not in side and not args.no_dinov2:
+        print(f"note: no DINOv2 weights ({dino.DINOV2_FILE}) found: no FD-DINOv2 statistics (docs/evaluation.md)")
     return 0
 
 
@@ -488,29 +551,48 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    from ldmkit.files import read_torch_file
     from ldmkit.models import convert
-    from ldmkit.train.checkpoint import load_model, save_weights
+    from ldmkit.train.checkpoint import is_checkpoint, is_weights_dir, load_model, resolve_checkpoint, save_weights
 
     out = Path(args.out)
     if out.exists() and any(out.iterdir()):
         raise ConfigError(f"output directory {str(out)!r} exists and is not empty")
-    if args.direction == "to-diffusers":
-        model, _ = load_model(args.source, ema=not args.no_ema)
-        dm = convert.to_diffusers(model)
-        dm.save_pretrained(str(out))
-        print(f"Wrote diffusers {type(dm).__name__} ({'raw' if args.no_ema else 'EMA'} weights of "
-              f"{args.source}) to {out}")
-    elif args.direction == "from-diffusers":
-        model = convert.from_diffusers(convert.load_diffusers(args.source, args.subfolder))
-        save_weights(model, out)
-        print(f"Wrote ldmkit {model.arch} weights to {out} (model.json + model.safetensors)")
-    else:  # from-official-dit
-        from ldmkit.models.convert_dit import from_official
+    if args.direction != "from-official-dit" and (args.num_heads is not None or args.num_classes is not None):
+        raise ConfigError("--num-heads and --num-classes apply to from-official-dit only")
+    try:
+        if args.direction == "to-diffusers":
+            from ldmkit.model_card import export_card, write_card
 
-        state = read_torch_file(args.source, "official DiT checkpoint")
-        save_weights(from_official(state), out)
-        print(f"Wrote ldmkit dit weights to {out} (model.json + model.safetensors)")
+            source = Path(args.source)
+            model, config = load_model(source, ema=not args.no_ema)
+            weights_only = is_weights_dir(source) and not is_checkpoint(source)
+            ckpt = None if weights_only else resolve_checkpoint(source)
+            dm, extra = convert.save_diffusers(model, out)
+            card = write_card(out / "README.md", export_card(
+                model, source=str(args.source), diffusers_class=type(dm).__name__, ema=not args.no_ema,
+                config=config, checkpoint=ckpt, extra_files=tuple(extra)))
+            print(f"Wrote diffusers {type(dm).__name__} ({'raw' if args.no_ema else 'EMA'} weights of "
+                  f"{args.source}) to {out}" + (f", with its class table in {', '.join(extra)}" if extra else "")
+                  + f"; model card {card.name}")
+        elif args.direction == "from-diffusers":
+            model = convert.load_diffusers_as_ldmkit(args.source, args.subfolder)
+            save_weights(model, out)
+            print(f"Wrote ldmkit {model.arch} weights to {out} (model.json + model.safetensors)")
+        else:  # from-official-dit
+            from ldmkit.models.convert_dit import load_official
+
+            if not Path(args.source).is_file():
+                raise ConfigError(f"{args.source!r} does not exist")
+            model, sources = load_official(args.source, num_heads=args.num_heads, num_classes=args.num_classes)
+            save_weights(model, out)
+            kw = model.init_kwargs
+            print(f"Wrote ldmkit dit weights to {out} (model.json + model.safetensors): width {kw['hidden_size']}, "
+                  f"{kw['num_heads']} heads (from {sources['num_heads']}), {kw['num_classes']} classes (from "
+                  f"{sources.get('num_classes') or sources.get('has_null_class')})")
+    except ValueError as e:  # a model or file the conversion cannot express: one line, no traceback
+        if isinstance(e, ConfigError):
+            raise
+        raise ConfigError(str(e).splitlines()[0] if str(e) else type(e).__name__) from e
     return 0
 
 
@@ -611,13 +693,16 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--out", help="JSON path (default: CHECKPOINT/eval_disentangle.json; the figure next to it)")
     e.set_defaults(func=cmd_eval_disentangle)
 
-    e = esub.add_parser("fid", help="FID, precision/recall (and IS) of generated samples against reference statistics",
+    e = esub.add_parser("fid", help="FID, sFID, FD-DINOv2, precision/recall (and IS) of generated samples against "
+                                    "reference statistics",
                         description="Generate --num-samples images (class-balanced, or cycling through a caption "
-                                    "set) in resumable chunks, across ranks under torchrun, save them as an ADM-style "
-                                    ".npz and score them against --ref with the FID Inception-v3. The metrics and the "
-                                    "full protocol go to OUT/metrics.json (docs/evaluation.md).")
+                                    "set) in resumable chunks, across ranks under torchrun, featurise them on every "
+                                    "rank, save them as an ADM-style .npz and score them against --ref with the FID "
+                                    "Inception-v3 (FID, sFID, precision/recall, IS) and DINOv2 ViT-L/14 "
+                                    "(FD-DINOv2). The metrics and the full protocol go to OUT/metrics.json, a model "
+                                    "card to OUT/MODEL_CARD.md (docs/evaluation.md).")
     _add_sampling_args(e)
-    e.add_argument("--num-samples", type=_number(int, 2), default=50_000)
+    e.add_argument("--num-samples", type=_number(int, 2), default=50_000, help="samples per seed set")
     e.add_argument("--ref", required=True, help="reference .npz: mu/sigma (ADM reference batch or `eval stats`), "
                                                 "images arr_0 and/or features for precision/recall")
     e.add_argument("--out", help="output directory (default: CHECKPOINT/eval_fid_<N>); an existing one resumes")
@@ -625,22 +710,32 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--chunk", type=POSITIVE_INT, default=1000,
                    help="images per resumable chunk (part of the protocol)")
     e.add_argument("--batch-size", type=POSITIVE_INT, default=250, help="sampling batch size")
+    e.add_argument("--seed-sets", type=POSITIVE_INT, default=1,
+                   help="independent sample sets (set k: seeds seed + k * chunks + c); every metric is reported per "
+                        "set with its min, mean and std; each set in OUT/set_k/")
     e.add_argument("--inception", help="FID Inception weights (default: $LDMKIT_INCEPTION_WEIGHTS or the torch "
                                        "hub cache)")
-    e.add_argument("--inception-batch", type=POSITIVE_INT, default=200)
+    e.add_argument("--inception-batch", type=POSITIVE_INT, default=200,
+                   help="images per Inception / DINOv2 batch")
+    e.add_argument("--dinov2", help="DINOv2 ViT-L/14 weights dinov2_vitl14_pretrain.pth for FD-DINOv2 (default: "
+                                    "$LDMKIT_DINOV2_WEIGHTS or the torch hub cache; not found: FD-DINOv2 is skipped)")
+    e.add_argument("--no-dinov2", action="store_true", help="skip FD-DINOv2 even when its weights are found")
     e.add_argument("--no-pr", action="store_true", help="skip precision/recall")
     e.add_argument("--inception-score", action="store_true", help="also the Inception Score")
     e.add_argument("--clip", help="text models: also CLIPScore with this CLIP model (hub id or local directory, "
                                   "e.g. openai/clip-vit-large-patch14)")
     e.set_defaults(func=cmd_eval_fid)
 
-    e = esub.add_parser("stats", help="reference statistics (mu, sigma; features) of an image folder, an .npz or a "
-                                      "dataset recipe")
+    e = esub.add_parser("stats", help="reference statistics (FID mu, sigma; sFID mu_s, sigma_s; FD-DINOv2 "
+                                      "mu_dinov2, sigma_dinov2; features) of an image folder, an .npz or a recipe")
     e.add_argument("source", help="image folder, .npz with arr_0 images, or a YAML recipe (its dataset)")
     e.add_argument("overrides", nargs="*", help="recipe overrides, e.g. data.image_size=32")
     e.add_argument("--out", required=True, help="output .npz (ADM keys mu, sigma; plus features, and arr_0 for a recipe)")
     e.add_argument("--num", type=POSITIVE_INT, default=50_000, help="recipe sources: images to draw from the dataset")
     e.add_argument("--inception", help="FID Inception weights (default: $LDMKIT_INCEPTION_WEIGHTS or the torch hub cache)")
+    e.add_argument("--dinov2", help="DINOv2 weights for FD-DINOv2 statistics (default: $LDMKIT_DINOV2_WEIGHTS or the "
+                                    "torch hub cache; not found: none are stored)")
+    e.add_argument("--no-dinov2", action="store_true", help="no FD-DINOv2 statistics even when the weights are found")
     e.add_argument("--batch-size", type=POSITIVE_INT, default=200)
     e.add_argument("--device", default="auto")
     e.add_argument("--overwrite", action="store_true")
@@ -682,6 +777,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out", help="output directory (must not exist or be empty)")
     p.add_argument("--subfolder", help="from-diffusers: subfolder of a pipeline (e.g. transformer, unet)")
     p.add_argument("--no-ema", action="store_true", help="to-diffusers: the raw weights, not the EMA")
+    p.add_argument("--num-heads", type=POSITIVE_INT,
+                   help="from-official-dit: attention heads (needed for widths other than DiT's S/B/L/XL)")
+    p.add_argument("--num-classes", type=POSITIVE_INT,
+                   help="from-official-dit: classes of the checkpoint; a class table of N+1 rows then has the null "
+                        "row, one of N rows has none (trained without label dropout). Needed unless the table is "
+                        "ImageNet-1k's (1001 or 1000 rows) or a JSON beside the file says it")
     p.set_defaults(func=cmd_convert)
     return parser
 
@@ -693,7 +794,8 @@ USER_ERRORS = (UserError, FileNotFoundError, FileExistsError, NotADirectoryError
 
 
 def _one_line(error: BaseException) -> str:
-    return " ".join(line.strip() for line in str(error).splitlines() if line.strip()) or type(error).__name__
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(error))  # terminal styling some library messages carry
+    return " ".join(line.strip() for line in text.splitlines() if line.strip()) or type(error).__name__
 
 
 def main(argv: list[str] | None = None) -> int:

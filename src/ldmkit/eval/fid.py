@@ -9,7 +9,8 @@ evaluator (openai/guided-diffusion ``evaluations/evaluator.py``) for reference b
 ADM reference-batch ``.npz`` keys: ``mu`` (2048,) and ``sigma`` (2048, 2048): statistics of the ``pool``
 features; ``mu_s`` / ``sigma_s``: the same for the ``spatial`` (sFID) features; ``arr_0``: the images,
 uint8 (N, H, W, 3). ADM's evaluator reads ``mu_s`` / ``sigma_s`` whenever ``mu`` is present, so a file
-meant for it must hold both pairs (``FeatureStats.save(path, spatial=...)``).
+meant for it must hold both pairs (``FeatureStats.save(path, spatial=...)``). ldmkit adds ``mu_dinov2`` /
+``sigma_dinov2``: statistics of DINOv2 features for FD-DINOv2 (``ldmkit.eval.dinov2``).
 
 Needs numpy; the Fréchet distance also needs scipy (``pip install ldmkit[eval]``), imported when used.
 """
@@ -31,6 +32,10 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
 
 # images (uint8 (N, H, W, 3) array, or an iterable of batches: arrays or lists of (H, W, 3) arrays) -> (N, D)
 FeaturesFn = Callable[[Any], np.ndarray]
+
+# The .npz keys of each kind of statistics: Inception pool (FID; ADM's names), Inception spatial (sFID; ADM's
+# names) and DINOv2 (FD-DINOv2).
+STAT_KEYS = {"pool": ("mu", "sigma"), "spatial": ("mu_s", "sigma_s"), "dinov2": ("mu_dinov2", "sigma_dinov2")}
 
 
 # ---------------------------------------------------------------------- statistics
@@ -58,27 +63,35 @@ class FeatureStats:
         """Fréchet distance between these statistics and ``other`` (see ``frechet_distance``)."""
         return frechet_distance(self.mu, self.sigma, other.mu, other.sigma, eps=eps)
 
-    def save(self, path: str | os.PathLike, spatial: FeatureStats | None = None) -> None:
+    def save(self, path: str | os.PathLike, spatial: FeatureStats | None = None,
+             dinov2: FeatureStats | None = None) -> None:
         """Write ``path`` (exactly that name) as ``.npz`` with keys ``mu``, ``sigma`` (and ``n`` when known);
-        with ``spatial``, also ``mu_s``, ``sigma_s``, which makes the file readable by ADM's evaluator."""
+        with ``spatial``, also ``mu_s``, ``sigma_s``, which makes the file readable by ADM's evaluator; with
+        ``dinov2``, also ``mu_dinov2``, ``sigma_dinov2`` (FD-DINOv2)."""
         arrays = {"mu": self.mu, "sigma": self.sigma}
         if self.n is not None:
             arrays["n"] = np.asarray(self.n, dtype=np.int64)
-        if spatial is not None:
-            arrays["mu_s"], arrays["sigma_s"] = spatial.mu, spatial.sigma
+        for kind, extra in (("spatial", spatial), ("dinov2", dinov2)):
+            if extra is not None:
+                mu_key, sigma_key = STAT_KEYS[kind]
+                arrays[mu_key], arrays[sigma_key] = extra.mu, extra.sigma
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         with open(path, "wb") as f:  # a file object: np.savez would otherwise append ".npz" to the name
             np.savez(f, **arrays)
 
     @classmethod
-    def load(cls, path: str | os.PathLike, spatial: bool = False) -> FeatureStats:
-        """Statistics from an ``.npz`` with ``mu`` / ``sigma`` (``mu_s`` / ``sigma_s`` when ``spatial``)."""
-        keys = ("mu_s", "sigma_s") if spatial else ("mu", "sigma")
+    def load(cls, path: str | os.PathLike, spatial: bool = False, kind: str | None = None) -> FeatureStats:
+        """Statistics from an ``.npz``: of ``kind`` ("pool": ``mu`` / ``sigma``, "spatial": ``mu_s`` /
+        ``sigma_s``, "dinov2": ``mu_dinov2`` / ``sigma_dinov2``; ``spatial=True`` is ``kind="spatial"``)."""
+        kind = kind or ("spatial" if spatial else "pool")
+        if kind not in STAT_KEYS:
+            raise ValueError(f"FeatureStats.load: kind must be one of {sorted(STAT_KEYS)}, got {kind!r}")
+        keys = STAT_KEYS[kind]
         with np.load(path) as data:
             missing = [k for k in keys if k not in data.files]
             if missing:
                 raise KeyError(f"{path}: no {' / '.join(missing)} in the npz (keys: {data.files})")
-            n = int(data["n"]) if "n" in data.files and not spatial else None
+            n = int(data["n"]) if "n" in data.files and kind == "pool" else None
             return cls(data[keys[0]], data[keys[1]], n)
 
 
@@ -307,27 +320,33 @@ class NpzImageBatches:
 
 
 def load_reference(
-    path: str | os.PathLike, features_fn: FeaturesFn | None = None, batch_size: int = 500
+    path: str | os.PathLike, features_fn: FeaturesFn | None = None, batch_size: int = 500, kind: str = "pool"
 ) -> FeatureStats:
-    """Reference statistics of the ``pool`` features from an ``.npz``: ``mu`` / ``sigma`` when it has them
-    (ADM reference batches, ``FeatureStats.save`` files), else computed from its images ``arr_0``
-    (uint8 (N, H, W, 3), read in batches) with ``features_fn`` (e.g. ``InceptionFeatures(...).extract``).
+    """Reference statistics of ``kind`` (``STAT_KEYS``: "pool" for FID, "spatial" for sFID, "dinov2" for
+    FD-DINOv2) from an ``.npz``: its ``mu`` / ``sigma`` (``mu_s`` / ``sigma_s``, ...) when it has them (ADM
+    reference batches, ``FeatureStats.save`` files), else computed from its images ``arr_0`` (uint8
+    (N, H, W, 3), read in batches) with ``features_fn`` (features of that kind, e.g.
+    ``InceptionFeatures(...).extract`` for "pool").
     """
     path = Path(path)
+    if kind not in STAT_KEYS:
+        raise ValueError(f"load_reference: kind must be one of {sorted(STAT_KEYS)}, got {kind!r}")
     if not path.is_file():
         raise FileNotFoundError(f"reference statistics file not found: {path}")
     with np.load(path) as data:
         files = list(data.files)
-    if "mu" in files and "sigma" in files:
-        return FeatureStats.load(path)
+    if all(k in files for k in STAT_KEYS[kind]):
+        return FeatureStats.load(path, kind=kind)
     if "arr_0" in files:
         if features_fn is None:
             raise ValueError(
-                f"{path} holds images (arr_0) but no statistics (mu, sigma): pass features_fn, e.g. "
-                f"ldmkit.eval.inception.InceptionFeatures().extract, to compute them"
+                f"{path} holds images (arr_0) but no {kind} statistics ({' / '.join(STAT_KEYS[kind])}): pass "
+                f"features_fn, e.g. ldmkit.eval.inception.InceptionFeatures().extract, to compute them"
             )
         return stats_from_features(features_fn(NpzImageBatches(path, "arr_0", batch_size)))
-    raise KeyError(f"{path}: expected mu and sigma, or arr_0 (images), in the npz; found keys {files}")
+    raise KeyError(
+        f"{path}: expected {' and '.join(STAT_KEYS[kind])}, or arr_0 (images), in the npz; found keys {files}"
+    )
 
 
 # ---------------------------------------------------------------------- image folders
@@ -435,6 +454,7 @@ def stats_from_folder(
 
 __all__ = [
     "IMAGE_EXTENSIONS",
+    "STAT_KEYS",
     "FeatureStats",
     "FeaturesFn",
     "FolderImageBatches",

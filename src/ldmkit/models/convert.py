@@ -2,6 +2,12 @@
 
 Each architecture with a diffusers counterpart has a module ``convert_<arch>.py`` with
 ``to_diffusers(model)`` and ``from_diffusers(diffusers_model)``; this module picks the right one.
+
+A class-conditional U-Net keeps its class table outside diffusers' ``UNet2DConditionModel`` (LDM keeps it
+in its cond stage). ``save_diffusers`` writes it next to the diffusers files as ``class_table.safetensors``
+(tensor ``weight``, (num_classes + 1, D), null row last; metadata ``text``: whether text tokens follow the
+class token in ``encoder_hidden_states``), and ``load_diffusers_as_ldmkit`` reads it back, so a directory
+written by ``ldmkit convert to-diffusers`` converts back to the same model.
 """
 
 from __future__ import annotations
@@ -31,14 +37,60 @@ def _converter(arch: str):
     return importlib.import_module(f"ldmkit.models.convert_{base}")
 
 
-def to_diffusers(model: nn.Module) -> Any:
-    """The diffusers model equivalent to an ldmkit model."""
+def to_diffusers(model: nn.Module, drop_class_table: bool = False) -> Any:
+    """The diffusers model equivalent to an ldmkit model (``drop_class_table``: U-Net only, see
+    ``convert_unet``)."""
     if getattr(model, "control_embedder", None) is not None:
         raise ValueError(
             f"cannot convert this {model.arch} to diffusers: it has a control embedder (control_high/control_low "
             "fields), which no diffusers model has; build it with control_high=[] and control_low=[] to convert"
         )
-    return _converter(model.arch).to_diffusers(model)
+    converter = _converter(model.arch)
+    if model.arch == "unet":
+        return converter.to_diffusers(model, drop_class_table=drop_class_table)
+    if drop_class_table:
+        raise ValueError(f"to_diffusers: drop_class_table applies to U-Nets only, not to {model.arch!r}")
+    return converter.to_diffusers(model)
+
+
+CLASS_TABLE_FILE = "class_table.safetensors"
+
+
+def save_diffusers(model: nn.Module, out_dir: str | Path) -> tuple[Any, list[str]]:
+    """Write the diffusers equivalent of ``model`` with ``save_pretrained`` into ``out_dir``; returns the
+    diffusers model and the names of the files written besides diffusers' own (a U-Net's class table)."""
+    from safetensors.torch import save_file
+
+    extra: list[str] = []
+    with_classes = model.arch == "unet" and getattr(model, "num_classes", 0) > 0
+    dm = to_diffusers(model, drop_class_table=with_classes)
+    dm.save_pretrained(str(out_dir))
+    if with_classes:
+        table = model.y_embedder.embedding_table.weight.detach().float().cpu().contiguous()
+        save_file({"weight": table}, str(Path(out_dir) / CLASS_TABLE_FILE),
+                  metadata={"text": str(model.context_dim > 0).lower(), "num_classes": str(model.num_classes)})
+        extra.append(CLASS_TABLE_FILE)
+    return dm, extra
+
+
+def load_diffusers_as_ldmkit(source: str, subfolder: str | None = None) -> nn.Module:
+    """The ldmkit model of a diffusers directory or hub id; a local U-Net directory holding
+    ``class_table.safetensors`` (written by ``save_diffusers``) comes back class-conditional."""
+    dm = load_diffusers(source, subfolder)
+    folder = Path(source) / subfolder if subfolder else Path(source)
+    table_file = folder / CLASS_TABLE_FILE
+    if DIFFUSERS_CLASSES[type(dm).__name__] == "unet" and table_file.is_file():
+        from safetensors import safe_open
+
+        with safe_open(str(table_file), framework="pt") as f:
+            meta = f.metadata() or {}
+            table = f.get_tensor("weight")
+        if meta.get("text") not in ("true", "false"):
+            raise ValueError(f"{table_file}: metadata 'text' must be 'true' or 'false', got {meta.get('text')!r}")
+        from ldmkit.models.convert_unet import from_diffusers as unet_from_diffusers
+
+        return unet_from_diffusers(dm, class_table=table, text=meta["text"] == "true")
+    return from_diffusers(dm)
 
 
 def from_diffusers(diffusers_model: Any) -> nn.Module:

@@ -13,8 +13,10 @@ Time: diffusers takes the discrete timestep ``1000 · t`` where ldmkit takes ``t
 
 from __future__ import annotations
 
+import json
 import warnings
-from typing import Any
+from pathlib import Path
+from typing import Any, Optional
 
 import torch
 from torch import Tensor
@@ -178,8 +180,61 @@ def to_diffusers(model: DiT) -> Any:
 # --------------------------------------------------------------------------------------------------
 
 
-def from_official(state_dict: dict[str, Tensor]) -> DiT:
-    """An ldmkit DiT from a facebookresearch/DiT state dict (its size inferred from the tensors)."""
+# Heads of the published DiT widths (S, B, L, XL); any other width needs ``num_heads``.
+OFFICIAL_HEADS = {384: 6, 768: 12, 1024: 16, 1152: 16}
+# Class-table sizes read without being told: ImageNet-1k with the null row (DiT's class_dropout_prob > 0,
+# every published checkpoint) and without it (class_dropout_prob = 0).
+KNOWN_TABLES = {1001: (1000, True), 1000: (1000, False)}
+
+
+def class_table_layout(rows: int, num_classes: Optional[int] = None,
+                       has_null_class: Optional[bool] = None) -> tuple[int, bool]:
+    """(number of classes, whether the last row is the null class) of an official class table of ``rows``.
+
+    DiT's ``LabelEmbedder`` has ``num_classes + 1`` rows when trained with label dropout and ``num_classes``
+    without, so the row count alone is ambiguous: ``num_classes`` or ``has_null_class`` decide it; without
+    either only the ImageNet-1k sizes of ``KNOWN_TABLES`` are accepted, anything else is refused."""
+    if num_classes is not None:
+        if num_classes < 1:
+            raise ValueError(f"from_official: num_classes must be >= 1, got {num_classes}")
+        if rows == num_classes + 1:
+            null = True
+        elif rows == num_classes:
+            null = False
+        else:
+            raise ValueError(
+                f"from_official: the class table has {rows} rows, which cannot hold {num_classes} classes "
+                f"(expected {num_classes} rows without a null row or {num_classes + 1} with one)"
+            )
+        if has_null_class is not None and has_null_class != null:
+            raise ValueError(
+                f"from_official: {num_classes} classes in a table of {rows} rows means "
+                f"{'a' if null else 'no'} null row, but has_null_class={has_null_class} was given"
+            )
+        return num_classes, null
+    if has_null_class is not None:
+        n = rows - int(has_null_class)
+        if n < 1:
+            raise ValueError(f"from_official: a class table of {rows} rows leaves no class")
+        return n, bool(has_null_class)
+    if rows in KNOWN_TABLES:
+        return KNOWN_TABLES[rows]
+    raise ValueError(
+        f"from_official: the class table has {rows} rows: either {rows - 1} classes and the null row (trained with "
+        f"class_dropout_prob > 0) or {rows} classes without one (class_dropout_prob = 0); say which with "
+        f"num_classes (--num-classes) or has_null_class"
+    )
+
+
+def from_official(state_dict: dict[str, Any], num_heads: Optional[int] = None, num_classes: Optional[int] = None,
+                  has_null_class: Optional[bool] = None) -> DiT:
+    """An ldmkit DiT from a facebookresearch/DiT state dict (its size inferred from the tensors).
+
+    ``num_heads``: needed for widths other than DiT's (384, 768, 1024, 1152), which set it themselves.
+    ``num_classes`` / ``has_null_class``: how to read the class table (``class_table_layout``). A table
+    without the null row gets a zero row appended for ``NULL_CLASS``: such a model never learned an
+    unconditional embedding, so classifier-free guidance has nothing to guide against (a warning says so).
+    """
     if "model" in state_dict and isinstance(state_dict["model"], dict):  # training checkpoints nest it
         state_dict = state_dict.get("ema", state_dict["model"])
     try:
@@ -188,19 +243,90 @@ def from_official(state_dict: dict[str, Tensor]) -> DiT:
         num_patches = state_dict["pos_embed"].shape[1]
         depth = 1 + max(int(k.split(".")[1]) for k in state_dict if k.startswith("blocks."))
         out_features = state_dict["final_layer.linear.weight"].shape[0]
-        num_classes = state_dict["y_embedder.embedding_table.weight"].shape[0] - 1
+        table = state_dict["y_embedder.embedding_table.weight"]  # (rows, D)
         mlp_hidden = state_dict["blocks.0.mlp.fc1.weight"].shape[0]
-    except KeyError as e:
+    except (KeyError, ValueError) as e:
         raise ValueError(f"from_official: not a DiT state dict (missing {e})") from None
     grid = int(round(num_patches**0.5))
     out_channels = out_features // (patch * patch)
-    heads = {384: 6, 768: 12, 1024: 16, 1152: 16}.get(hidden)
-    if heads is None:
-        raise ValueError(f"from_official: hidden size {hidden} is not one of DiT's (384, 768, 1024, 1152)")
+    if num_heads is None:
+        num_heads = OFFICIAL_HEADS.get(hidden)
+        if num_heads is None:
+            raise ValueError(
+                f"from_official: hidden size {hidden} is not one of DiT's ({', '.join(map(str, OFFICIAL_HEADS))}), "
+                "so the number of attention heads is unknown; pass num_heads (--num-heads)"
+            )
+    elif num_heads < 1 or hidden % num_heads:
+        raise ValueError(f"from_official: num_heads must be a positive divisor of the width {hidden}, got {num_heads}")
+    classes, null = class_table_layout(table.shape[0], num_classes, has_null_class)
     model = DiT(
         input_size=grid * patch, patch_size=patch, in_channels=in_channels, hidden_size=hidden, depth=depth,
-        num_heads=heads, mlp_ratio=mlp_hidden / hidden, num_classes=num_classes,
+        num_heads=num_heads, mlp_ratio=mlp_hidden / hidden, num_classes=classes,
         learn_sigma=out_channels == 2 * in_channels,
     )
+    if not null:
+        warnings.warn(
+            f"from_official: the checkpoint has no null-class row ({classes} classes, trained without label "
+            "dropout); a zero row was appended for NULL_CLASS, which the model never saw: unconditional samples "
+            "and classifier-free guidance (guidance != 1) are meaningless until it is fine-tuned with label dropout",
+            stacklevel=2,
+        )
+        state_dict = dict(state_dict)
+        state_dict["y_embedder.embedding_table.weight"] = torch.cat([table, table.new_zeros(1, hidden)], dim=0)
     model.load_state_dict(state_dict, strict=True)
     return model
+
+
+def load_official(path: str | Path, num_heads: Optional[int] = None, num_classes: Optional[int] = None,
+                  has_null_class: Optional[bool] = None) -> tuple[DiT, dict[str, str]]:
+    """``from_official`` of a checkpoint file; returns the model and where its head count and class table
+    layout came from.
+
+    Settings not given are read, in this order, from a JSON file beside the checkpoint (``<name>.json``,
+    else ``config.json`` in its folder; keys ``num_heads``, ``num_classes``, ``has_null_class`` or
+    ``class_dropout_prob``) and from the ``args`` a DiT training checkpoint stores (``num_classes``). The
+    file is read with ``torch.load(weights_only=True)``; only ``argparse.Namespace`` (those ``args``) is
+    allowed besides tensors and plain containers.
+    """
+    import argparse
+
+    import pickle
+
+    path = Path(path)
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:  # never fall back to a full unpickle: it could run any code
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"{path}: holds Python objects besides tensors and DiT's training args; refusing to "
+                         f"unpickle them (weights_only); save its state dict alone ({first})") from None
+    if not isinstance(state, dict):
+        raise ValueError(f"{path}: expected a state dict or a DiT training checkpoint, got {type(state).__name__}")
+    sources: dict[str, str] = {}
+    given = {"num_heads": num_heads, "num_classes": num_classes, "has_null_class": has_null_class}
+    for name, value in given.items():
+        if value is not None:
+            sources[name] = "given"
+    side = next((f for f in (path.with_suffix(".json"), path.parent / "config.json") if f.is_file()), None)
+    if side is not None:
+        try:
+            cfg = json.loads(side.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{side}: not valid JSON ({e})") from None
+        if not isinstance(cfg, dict):
+            raise ValueError(f"{side}: expected a JSON object")
+        if "has_null_class" not in cfg and "class_dropout_prob" in cfg:
+            cfg["has_null_class"] = float(cfg["class_dropout_prob"]) > 0
+        for name in given:
+            if given[name] is None and cfg.get(name) is not None:
+                given[name] = bool(cfg[name]) if name == "has_null_class" else int(cfg[name])
+                sources[name] = str(side)
+    args = state.get("args")
+    if isinstance(args, argparse.Namespace) and given["num_classes"] is None and getattr(args, "num_classes", None):
+        given["num_classes"] = int(args.num_classes)
+        sources["num_classes"] = "the checkpoint's training args"
+    model = from_official(state, **given)
+    sources.setdefault("num_heads", "DiT's width table")
+    if "num_classes" not in sources and "has_null_class" not in sources:
+        sources["num_classes"] = "the class table's size (ImageNet-1k)"
+    return model, sources

@@ -18,7 +18,11 @@ Calling conventions for parity (float32 outputs agree to ~1e-6):
 - class-conditional models: the class table lives outside diffusers' U-Net (LDM keeps it in its
   ``ClassEmbedder`` cond stage); ``to_diffusers(model, drop_class_table=True)`` converts the rest and the
   caller feeds ``encoder_hidden_states = model.y_embedder(class_ids)[:, None]`` (prepended to the text
-  tokens when the model also takes text); ``from_diffusers(unet, class_table=weight)`` restores it.
+  tokens when the model also takes text, with ``True`` prepended to ``encoder_attention_mask``);
+  ``from_diffusers(unet, class_table=weight, text=...)`` restores it. diffusers' config cannot say whether
+  the context was the class token alone or the class token followed by text tokens, so ``text`` must be
+  given with a class table (``text=True``: class + text, ``text=False``: class only); without it the
+  conversion is refused rather than guessed.
 
 Weight layout differences handled here: our self-attention fuses q/k/v into one ``qkv`` Linear (rows
 ordered q, k, v) and our cross-attention fuses k/v into ``kv``; diffusers keeps ``to_q/to_k/to_v``.
@@ -147,6 +151,7 @@ def diffusers_config(model: UNet, drop_class_table: bool = False) -> dict[str, A
         raise ValueError(
             "to_diffusers: UNet2DConditionModel has no class table (LDM keeps it in the cond stage); pass "
             "drop_class_table=True and feed encoder_hidden_states = model.y_embedder(class_ids)[:, None]"
+            + (" followed by the text tokens" if model.context_dim > 0 else "")
         )
     kw = model.init_kwargs
     levels = len(kw["channel_mult"])
@@ -240,8 +245,11 @@ def _uniform(name: str, value: Any, n: int) -> Any:
 
 
 def unet_kwargs_from_diffusers_config(config: Any, input_size: Optional[int] = None,
-                                      class_table_rows: int = 0) -> dict[str, Any]:
-    """UNet constructor kwargs for a ``UNet2DConditionModel`` config (raises on unsupported fields)."""
+                                      class_table_rows: int = 0, text: bool = True) -> dict[str, Any]:
+    """UNet constructor kwargs for a ``UNet2DConditionModel`` config (raises on unsupported fields).
+
+    ``class_table_rows`` > 0: a class table of that many rows (null row last) is added; ``text`` says whether
+    text tokens follow the class token in the context (always True without a class table)."""
     c = dict(config)
     fixed = {
         "center_input_sample": [False],
@@ -352,7 +360,7 @@ def unet_kwargs_from_diffusers_config(config: Any, input_size: Optional[int] = N
         learn_sigma=out == 2 * c["in_channels"],
     )
     if class_table_rows:
-        kwargs.update(num_classes=class_table_rows - 1, class_embed_dim=cross_dim, context_dim=0)
+        kwargs.update(num_classes=class_table_rows - 1, class_embed_dim=cross_dim, context_dim=cross_dim if text else 0)
     else:
         kwargs.update(context_dim=cross_dim)
     proj = c.get("projection_class_embeddings_input_dim")
@@ -369,11 +377,15 @@ def unet_kwargs_from_diffusers_config(config: Any, input_size: Optional[int] = N
     return kwargs
 
 
-def from_diffusers(unet, input_size: Optional[int] = None, class_table: Optional[Tensor] = None) -> UNet:
+def from_diffusers(unet, input_size: Optional[int] = None, class_table: Optional[Tensor] = None,
+                   text: Optional[bool] = None) -> UNet:
     """An equivalent ldmkit ``UNet`` (same dtype and device, eval/train mode copied).
 
     ``class_table`` ((num_classes + 1, cross_attention_dim), last row = null class) makes it a
-    class-conditional model whose class token is the context; ``input_size`` overrides ``sample_size``."""
+    class-conditional model whose class token starts the context; ``text`` must then say whether text tokens
+    follow it (True) or the class token is the whole context (False); diffusers' config cannot tell the two
+    apart, so a missing ``text`` is refused. Without a class table the context is text (``text`` may be
+    omitted or True). ``input_size`` overrides ``sample_size``."""
     rows = 0
     if class_table is not None:
         if class_table.ndim != 2 or class_table.shape[1] != unet.config.cross_attention_dim or class_table.shape[0] < 2:
@@ -381,8 +393,20 @@ def from_diffusers(unet, input_size: Optional[int] = None, class_table: Optional
                 f"from_diffusers: class_table of shape {tuple(class_table.shape)} must be "
                 f"(num_classes + 1, {unet.config.cross_attention_dim})"
             )
+        if text is None:
+            raise ValueError(
+                "from_diffusers: with a class_table, pass text=True (the class token is followed by text tokens "
+                "in encoder_hidden_states) or text=False (the class token is the whole context); the diffusers "
+                "config does not record which"
+            )
         rows = class_table.shape[0]
-    kwargs = unet_kwargs_from_diffusers_config(unet.config, input_size=input_size, class_table_rows=rows)
+    elif text is False:
+        raise ValueError(
+            "from_diffusers: text=False needs a class_table (a UNet2DConditionModel's cross-attention context "
+            "is text unless a class table provides it)"
+        )
+    kwargs = unet_kwargs_from_diffusers_config(unet.config, input_size=input_size, class_table_rows=rows,
+                                               text=True if text is None else text)
     with torch.device("meta"):
         model = UNet(**kwargs)
     add_prefix = "add_embedding" if model.micro_conditioning else "class_embedding"
