@@ -131,6 +131,13 @@ def _training_lines(record: Mapping[str, Any]) -> list[str]:
     return lines
 
 
+def _model_and_training(model: nn.Module, config: Optional[Mapping[str, Any]],
+                        checkpoint: Optional[Path]) -> list[str]:
+    """The "Model" and "Training" sections every card has."""
+    return ["## Model", "", *_model_lines(model), "", "## Training", "",
+            *_training_lines(training_record(config, checkpoint)), ""]
+
+
 def export_card(model: nn.Module, *, source: str, diffusers_class: str, ema: bool,
                 config: Optional[Mapping[str, Any]] = None, checkpoint: Optional[Path] = None,
                 extra_files: tuple[str, ...] = ()) -> str:
@@ -141,14 +148,7 @@ def export_card(model: nn.Module, *, source: str, diffusers_class: str, ema: boo
         f"Exported by `ldmkit convert to-diffusers` from `{source}` ({'EMA' if ema else 'raw'} weights) on "
         f"{time.strftime('%Y-%m-%d')}.",
         "",
-        "## Model",
-        "",
-        *_model_lines(model),
-        "",
-        "## Training",
-        "",
-        *_training_lines(training_record(config, checkpoint)),
-        "",
+        *_model_and_training(model, config, checkpoint),
         "## Calling it with diffusers",
         "",
         "- `timestep = 1000 * t`, where ldmkit's t in [0, 1] is the noise level (t = 1: pure noise).",
@@ -192,14 +192,7 @@ def eval_card(model: nn.Module, *, checkpoint: str, metrics: Mapping[str, Any], 
     lines = [
         f"# Evaluation of {model.arch}: {checkpoint}",
         "",
-        "## Model",
-        "",
-        *_model_lines(model),
-        "",
-        "## Training",
-        "",
-        *_training_lines(training_record(config, ckpt)),
-        "",
+        *_model_and_training(model, config, ckpt),
         "## Sampling",
         "",
         f"- Sampler: {p.get('sampler')}, {p.get('steps')} steps, time shift {p.get('shift')}, DDIM eta "

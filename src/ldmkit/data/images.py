@@ -98,22 +98,22 @@ def _is_image_name(name: str) -> bool:
     return not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS)
 
 
-def _check_root(root: PathLike) -> str:
-    path = os.fspath(root)
-    if not os.path.exists(path):
-        raise DataError(f"data.path: '{path}' does not exist")
-    if not os.path.isdir(path):
-        raise DataError(f"data.path: '{path}' is not a directory")
-    return path
-
-
-def _check_file(path: PathLike, key: str) -> str:
+def _check_path(path: PathLike, key: str, directory: bool) -> str:
+    """``path`` as a string, or an error naming ``key`` when it is missing or of the wrong kind."""
     path = os.fspath(path)
     if not os.path.exists(path):
         raise DataError(f"{key}: '{path}' does not exist")
-    if not os.path.isfile(path):
-        raise DataError(f"{key}: '{path}' is not a file")
+    if directory != os.path.isdir(path):
+        raise DataError(f"{key}: '{path}' is not a {'directory' if directory else 'file'}")
     return path
+
+
+def _check_root(root: PathLike) -> str:
+    return _check_path(root, "data.path", directory=True)
+
+
+def _check_file(path: PathLike, key: str) -> str:
+    return _check_path(path, key, directory=False)
 
 
 def _subfolders(root: str) -> list[str]:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import difflib
 import functools
-import inspect
 from typing import TYPE_CHECKING, Any
 
 from ldmkit.models.presets import PRESETS, list_models
@@ -91,7 +90,7 @@ def constructor_keys(arch: str) -> list[str]:
     architectures = _architectures()
     if arch not in architectures:
         raise ValueError(f"unknown arch {arch!r}; {_close(str(arch), list(architectures))}")
-    return [k for k in inspect.signature(architectures[arch].__init__).parameters if k != "self"]
+    return architectures[arch].config_keys()
 
 
 def model_from_config(cfg: dict[str, Any]) -> nn.Module:

@@ -5,7 +5,7 @@
     γ(t) = ((1 + cos(π t)) / 2) ** α        cosine gate: 1 at t = 0 (clean), 0 at t = 1 (noise)
 
 ``ControlEmbedder`` returns ``E_high + γ(t) · E_low`` (B, D), the term a model adds to its adaLN vector
-(the improved mmDiT's ``control_embedding`` hook). Each scalar of a field becomes a 256-d sinusoid (the
+(every backbone's ``control_embedding`` hook, ``models/base.py``). Each scalar of a field becomes a 256-d sinusoid (the
 timestep sinusoid of ``scale · value``), the features of a group are concatenated and an MLP
 (Linear -> LayerNorm without parameters -> SiLU -> Linear) maps them to the model width. Scales: pixel
 fields (``orig_size`` (h, w), ``crop`` (top, left)) are embedded as they are, like SDXL's micro-conditioning; ``flip`` (0/1) and
@@ -141,13 +141,6 @@ def check_control_options(high, low, gate: str, alpha: float) -> None:
     if set(high) & set(low):
         raise ValueError(f"control fields {sorted(set(high) & set(low))} are in both groups")
     time_gate(torch.zeros(1), gate, alpha)  # validates gate and alpha
-
-
-def control_init_kwargs(high, low, gate: str, alpha: float) -> dict:
-    """The control arguments of a model constructor as JSON-ready ``init_kwargs`` (validated)."""
-    high, low = [str(n) for n in (high or ())], [str(n) for n in (low or ())]
-    check_control_options(high, low, gate, alpha)
-    return dict(control_high=high, control_low=low, control_gate=str(gate), control_alpha=float(alpha))
 
 
 def build_control_embedder(hidden_size: int, control_high, control_low, control_gate: str,

@@ -24,6 +24,20 @@ from torch import Tensor
 from ldmkit.models.dit import DiT
 
 
+# One transformer block's tensors: ldmkit name -> diffusers' ``DiTTransformer2DModel`` name (the fused
+# qkv projection is split into to_q/to_k/to_v separately).
+BLOCK_KEYS = {
+    "adaLN_modulation.1.weight": "norm1.linear.weight",
+    "adaLN_modulation.1.bias": "norm1.linear.bias",
+    "attn.proj.weight": "attn1.to_out.0.weight",
+    "attn.proj.bias": "attn1.to_out.0.bias",
+    "mlp.fc1.weight": "ff.net.0.proj.weight",
+    "mlp.fc1.bias": "ff.net.0.proj.bias",
+    "mlp.fc2.weight": "ff.net.2.weight",
+    "mlp.fc2.bias": "ff.net.2.bias",
+}
+
+
 def _cat(*tensors: Tensor) -> Tensor:
     return torch.cat([t.detach() for t in tensors], dim=0)
 
@@ -87,18 +101,9 @@ def from_diffusers(dm: Any, check_tied: bool = True) -> DiT:
                                    msg="from_diffusers: the positional table is not DiT's sin-cos table")
     for i in range(cfg.num_layers):
         b, o = f"transformer_blocks.{i}.", f"blocks.{i}."
-        out.update({
-            o + "adaLN_modulation.1.weight": sd[b + "norm1.linear.weight"],
-            o + "adaLN_modulation.1.bias": sd[b + "norm1.linear.bias"],
-            o + "attn.qkv.weight": _cat(*(sd[b + f"attn1.to_{n}.weight"] for n in "qkv")),
-            o + "attn.qkv.bias": _cat(*(sd[b + f"attn1.to_{n}.bias"] for n in "qkv")),
-            o + "attn.proj.weight": sd[b + "attn1.to_out.0.weight"],
-            o + "attn.proj.bias": sd[b + "attn1.to_out.0.bias"],
-            o + "mlp.fc1.weight": sd[b + "ff.net.0.proj.weight"],
-            o + "mlp.fc1.bias": sd[b + "ff.net.0.proj.bias"],
-            o + "mlp.fc2.weight": sd[b + "ff.net.2.weight"],
-            o + "mlp.fc2.bias": sd[b + "ff.net.2.bias"],
-        })
+        out.update({o + ours: sd[b + theirs] for ours, theirs in BLOCK_KEYS.items()})
+        out[o + "attn.qkv.weight"] = _cat(*(sd[b + f"attn1.to_{n}.weight"] for n in "qkv"))
+        out[o + "attn.qkv.bias"] = _cat(*(sd[b + f"attn1.to_{n}.bias"] for n in "qkv"))
     model.load_state_dict(out, strict=True)
     return model
 
@@ -156,17 +161,10 @@ def to_diffusers(model: DiT) -> Any:
             b + "norm1.emb.timestep_embedder.linear_2.weight": sd["t_embedder.mlp.2.weight"],
             b + "norm1.emb.timestep_embedder.linear_2.bias": sd["t_embedder.mlp.2.bias"],
             b + "norm1.emb.class_embedder.embedding_table.weight": sd["y_embedder.embedding_table.weight"],
-            b + "norm1.linear.weight": sd[o + "adaLN_modulation.1.weight"],
-            b + "norm1.linear.bias": sd[o + "adaLN_modulation.1.bias"],
             b + "attn1.to_q.weight": q, b + "attn1.to_k.weight": kk, b + "attn1.to_v.weight": v,
             b + "attn1.to_q.bias": qb, b + "attn1.to_k.bias": kb, b + "attn1.to_v.bias": vb,
-            b + "attn1.to_out.0.weight": sd[o + "attn.proj.weight"],
-            b + "attn1.to_out.0.bias": sd[o + "attn.proj.bias"],
-            b + "ff.net.0.proj.weight": sd[o + "mlp.fc1.weight"],
-            b + "ff.net.0.proj.bias": sd[o + "mlp.fc1.bias"],
-            b + "ff.net.2.weight": sd[o + "mlp.fc2.weight"],
-            b + "ff.net.2.bias": sd[o + "mlp.fc2.bias"],
         })
+        out.update({b + theirs: sd[o + ours] for ours, theirs in BLOCK_KEYS.items()})
     missing, unexpected = dm.load_state_dict(out, strict=False)
     # diffusers keeps the fixed positional table as a non-trainable buffer it computes itself
     missing = [m for m in missing if m != "pos_embed.pos_embed"]

@@ -15,24 +15,17 @@ Differences from the original, all at the interface:
 
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence
+from dataclasses import dataclass
+from typing import Any, Optional
 
 import torch
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
 
 from ldmkit.conditioning import Conditioning
-from ldmkit.models.control import build_control_embedder, control_init_kwargs
-from ldmkit.models.layers import (
-    Attention,
-    LabelEmbedder,
-    Mlp,
-    PatchEmbed,
-    TimestepEmbedder,
-    modulate,
-    unpatchify,
-)
-from ldmkit.models.positions import check_pe_options, sincos_table
+from ldmkit.models.base import Backbone, TransformerConfig, batch_times, xavier_init, zero_init
+from ldmkit.models.layers import (Attention, FinalLayer, LabelEmbedder, Mlp, PatchEmbed, TimestepEmbedder, modulate,
+                                  unpatchify)
+from ldmkit.models.positions import sincos_table
 
 
 #################################################################################
@@ -61,119 +54,57 @@ class DiTBlock(nn.Module):
         return x
 
 
-class FinalLayer(nn.Module):
-    """LayerNorm (no affine) -> adaLN shift/scale -> Linear(D, p*p*C_out)."""
-
-    def __init__(self, hidden_size: int, patch_size: int, out_channels: int) -> None:
-        super().__init__()
-        self.norm_final = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
-        self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels, bias=True)
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size, bias=True))
-
-    def forward(self, x: Tensor, c: Tensor) -> Tensor:
-        shift, scale = self.adaLN_modulation(c)[:, None, :].chunk(2, dim=-1)  # 2 x (B, 1, D)
-        x = modulate(self.norm_final(x), shift, scale)  # (B, N, D)
-        return self.linear(x)  # (B, N, p*p*C_out)
-
-
 #################################################################################
 #                                  Core model                                   #
 #################################################################################
 
 
-class DiT(nn.Module):
+@dataclass(kw_only=True)
+class DiTConfig(TransformerConfig):
+    num_classes: int = 1000  # 0: unconditional
+    time_freq_shift: int = 0  # 1 reproduces diffusers' DiTTransformer2DModel sinusoid
+
+    def validate(self, owner: str) -> None:
+        super().validate(owner)
+        if self.num_classes < 0:
+            raise ValueError(f"{owner}: num_classes must be >= 0 (0 = unconditional), got {self.num_classes}")
+
+
+class DiT(Backbone):
     """Diffusion transformer: ``forward(x (B,C,H,W), t (B,) in [0,1], cond) -> (B, out_channels, H, W)``.
 
-    ``H = W = input_size`` is fixed by the frozen positional embedding. ``self.init_kwargs`` holds the
-    constructor arguments (JSON-serialisable) so that ``model_from_config({"arch": "dit", **init_kwargs})``
-    rebuilds the model.
+    ``H = W = input_size`` is fixed by the frozen positional embedding. Built from a ``DiTConfig`` or its
+    fields as keyword arguments.
     """
 
-    arch: str = "dit"
+    arch = "dit"
+    Config = DiTConfig
 
-    def __init__(
-        self,
-        input_size: int,
-        patch_size: int,
-        in_channels: int,
-        hidden_size: int,
-        depth: int,
-        num_heads: int,
-        mlp_ratio: float = 4.0,
-        num_classes: int = 1000,
-        learn_sigma: bool = False,
-        qk_norm: bool = False,
-        time_freq_shift: int = 0,
-        pe_mode: str = "extrapolate",
-        pe_base_grid: Optional[int] = None,
-        control_high: Sequence[str] = (),
-        control_low: Sequence[str] = (),
-        control_gate: str = "cosine",
-        control_alpha: float = 1.0,
-    ) -> None:
-        super().__init__()
-        if input_size % patch_size:
-            raise ValueError(f"DiT: input_size {input_size} is not divisible by patch_size {patch_size}")
-        if num_classes < 0:
-            raise ValueError(f"DiT: num_classes must be >= 0 (0 = unconditional), got {num_classes}")
-        check_pe_options("DiT", pe_mode, pe_base_grid)
-        self.init_kwargs: dict[str, Any] = dict(
-            input_size=int(input_size),
-            patch_size=int(patch_size),
-            in_channels=int(in_channels),
-            hidden_size=int(hidden_size),
-            depth=int(depth),
-            num_heads=int(num_heads),
-            mlp_ratio=float(mlp_ratio),
-            num_classes=int(num_classes),
-            learn_sigma=bool(learn_sigma),
-            qk_norm=bool(qk_norm),
-            time_freq_shift=int(time_freq_shift),
-            pe_mode=str(pe_mode),
-            pe_base_grid=None if pe_base_grid is None else int(pe_base_grid),
-            **control_init_kwargs(control_high, control_low, control_gate, control_alpha),
-        )
-        self.input_size = input_size
-        self.patch_size = patch_size
-        self.in_channels = in_channels
-        self.out_channels = 2 * in_channels if learn_sigma else in_channels
-        self.learn_sigma = learn_sigma
-        self.num_classes = num_classes
-        self.grid_size = input_size // patch_size
-        self.num_tokens = self.grid_size**2
-        self.pe_mode, self.pe_base_grid = pe_mode, pe_base_grid
-        self.grad_checkpointing = False
+    def __init__(self, config: Optional[DiTConfig] = None, **kwargs: Any) -> None:
+        super().__init__(config, **kwargs)
+        c = self.config
+        D = c.hidden_size
+        self.num_classes = c.num_classes
 
-        self.x_embedder = PatchEmbed(patch_size, in_channels, hidden_size)
+        self.x_embedder = PatchEmbed(c.patch_size, c.in_channels, D)
         # time_freq_shift=1 reproduces diffusers' DiTTransformer2DModel (its port divides the frequency
         # exponent by half - 1); the original DiT, and our default, use 0.
-        self.t_embedder = TimestepEmbedder(hidden_size, freq_shift=time_freq_shift)
-        self.y_embedder = LabelEmbedder(num_classes, hidden_size) if num_classes > 0 else None
+        self.t_embedder = TimestepEmbedder(D, freq_shift=c.time_freq_shift)
+        self.y_embedder = LabelEmbedder(c.num_classes, D) if c.num_classes > 0 else None
         # Control metadata (docs/method.md §3) joins c = t + y; None unless control fields are enabled.
-        self.control_embedder = build_control_embedder(hidden_size, control_high, control_low, control_gate,
-                                                       control_alpha)
+        self.control_embedder = self.make_control_embedder(D)
         # Fixed sin-cos table, stored like the original: a frozen Parameter (in state_dict and in the
         # parameter count, excluded from optimisation by requires_grad=False).
-        num_patches = self.grid_size**2
-        self.pos_embed = nn.Parameter(torch.zeros(1, num_patches, hidden_size), requires_grad=False)
+        self.pos_embed = nn.Parameter(torch.zeros(1, self.num_tokens, D), requires_grad=False)
         self.blocks = nn.ModuleList(
-            [DiTBlock(hidden_size, num_heads, mlp_ratio=mlp_ratio, qk_norm=qk_norm) for _ in range(depth)]
+            [DiTBlock(D, c.num_heads, mlp_ratio=c.mlp_ratio, qk_norm=c.qk_norm) for _ in range(c.depth)]
         )
-        self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
+        self.final_layer = FinalLayer(D, c.patch_size, self.out_channels)
         self.initialize_weights()
 
     def initialize_weights(self) -> None:
         """Set every parameter as DiT does (also usable after ``to_empty`` on a meta-built model)."""
-
-        def _basic_init(module: nn.Module) -> None:
-            if isinstance(module, nn.Linear):
-                nn.init.xavier_uniform_(module.weight)
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
-            elif isinstance(module, nn.RMSNorm) and module.weight is not None:
-                nn.init.ones_(module.weight)
-
-        self.apply(_basic_init)
+        self.apply(xavier_init)
 
         # Fixed sin-cos positional embedding, computed in float64 on the CPU (explicitly, so that a
         # surrounding `with torch.device(...)` does not redirect it), then copied in.
@@ -181,57 +112,29 @@ class DiT(nn.Module):
         with torch.no_grad():
             self.pos_embed.copy_(torch.from_numpy(pos).float().unsqueeze(0))
 
-        # Patch embedding initialised like a Linear on the flattened kernel (not Conv2d's default).
-        w = self.x_embedder.proj.weight
-        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
-        nn.init.zeros_(self.x_embedder.proj.bias)
-
+        self.x_embedder.init_like_linear()
         if self.y_embedder is not None:
             nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
-
-        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
-        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
+        self.t_embedder.init_normal()
 
         # adaLN-Zero: every modulation output and the final projection start at zero.
-        for block in self.blocks:
-            nn.init.zeros_(block.adaLN_modulation[-1].weight)
-            nn.init.zeros_(block.adaLN_modulation[-1].bias)
-        nn.init.zeros_(self.final_layer.adaLN_modulation[-1].weight)
-        nn.init.zeros_(self.final_layer.adaLN_modulation[-1].bias)
-        nn.init.zeros_(self.final_layer.linear.weight)
-        nn.init.zeros_(self.final_layer.linear.bias)
+        zero_init(*(block.adaLN_modulation[-1] for block in self.blocks))
+        zero_init(self.final_layer.adaLN_modulation[-1], self.final_layer.linear)
         if self.control_embedder is not None:
             self.control_embedder.initialize_weights()
-
-    def set_grad_checkpointing(self, enabled: bool = True) -> None:
-        """Recompute each block's activations in the backward pass instead of storing them."""
-        self.grad_checkpointing = enabled
 
     def forward(self, x: Tensor, t: Tensor, cond: Optional[Conditioning] = None) -> Tensor:
         """x: (B, C, H, W) latents; t: (B,) (or scalar) float in [0, 1], 1 = noise; cond: class ids
         in ``cond.class_ids`` (B,) long, -1 = null class (ignored when ``num_classes == 0``)."""
         B, _, H, W = x.shape
-        if H != self.input_size or W != self.input_size:
-            raise ValueError(
-                f"DiT: input is {H}x{W} but the model was built for {self.input_size}x{self.input_size}"
-            )
-        if t.ndim == 0:
-            t = t.expand(B)  # (B,)
+        self.check_input_size(H, W)
+        t = batch_times(t, B)  # (B,)
         x = self.x_embedder(x) + self.pos_embed  # (B, N, D), N = H * W / p**2
         c = self.t_embedder(t)  # (B, D)
         if self.y_embedder is not None:
-            if cond is None or cond.class_ids is None:
-                raise ValueError(
-                    "DiT: the model is class-conditional but cond.class_ids is missing "
-                    "(pass NULL_CLASS = -1 for unconditional samples)"
-                )
-            c = c + self.y_embedder(cond.class_ids)  # (B, D)
-        if self.control_embedder is not None:
-            c = c + self.control_embedder(cond, t)  # (B, D)
+            c = c + self.y_embedder(self.class_ids(cond))  # (B, D)
+        c = self.add_control(c, cond, t)  # (B, D)
         for block in self.blocks:
-            if self.grad_checkpointing and torch.is_grad_enabled():
-                x = checkpoint(block, x, c, use_reentrant=False)  # (B, N, D)
-            else:
-                x = block(x, c)  # (B, N, D)
+            x = self.run(block, x, c)  # (B, N, D)
         x = self.final_layer(x, c)  # (B, N, p*p*C_out)
         return unpatchify(x, self.patch_size, self.out_channels, self.grid_size)  # (B, C_out, H, W)

@@ -80,6 +80,11 @@ class TimestepEmbedder(nn.Module):
         self.time_scale = time_scale
         self.freq_shift = freq_shift
 
+    def init_normal(self, std: float = 0.02) -> None:
+        """DiT's initialisation of the timestep MLP: both weights ~ N(0, std)."""
+        nn.init.normal_(self.mlp[0].weight, std=std)
+        nn.init.normal_(self.mlp[2].weight, std=std)
+
     def forward(self, t: Tensor) -> Tensor:
         t_freq = timestep_embedding(self.time_scale * t.float(), self.frequency_embedding_size, self.max_period,
                                     self.freq_shift)
@@ -119,6 +124,14 @@ class PatchEmbed(nn.Module):
         super().__init__()
         self.patch_size = patch_size
         self.proj = nn.Conv2d(in_channels, hidden_size, kernel_size=patch_size, stride=patch_size, bias=bias)
+
+    def init_like_linear(self, zero_bias: bool = True) -> None:
+        """Initialise the kernel as DiT does: xavier-uniform on the flattened kernel, like a Linear (not
+        Conv2d's default); the bias at zero unless ``zero_bias`` is False."""
+        w = self.proj.weight
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        if zero_bias and self.proj.bias is not None:
+            nn.init.zeros_(self.proj.bias)
 
     def forward(self, x: Tensor) -> Tensor:
         p = self.patch_size
@@ -266,3 +279,19 @@ class Mlp(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.fc2(self.act(self.fc1(x)))
+
+
+class FinalLayer(nn.Module):
+    """DiT's output layer (also MDT's and mmDiT's): LayerNorm (no affine) -> adaLN shift/scale from c ->
+    Linear(D, p*p*C_out)."""
+
+    def __init__(self, hidden_size: int, patch_size: int, out_channels: int) -> None:
+        super().__init__()
+        self.norm_final = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels, bias=True)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size, bias=True))
+
+    def forward(self, x: Tensor, c: Tensor) -> Tensor:
+        shift, scale = self.adaLN_modulation(c)[:, None, :].chunk(2, dim=-1)  # 2 x (B, 1, D)
+        x = modulate(self.norm_final(x), shift, scale)  # (B, N, D)
+        return self.linear(x)  # (B, N, p*p*C_out)

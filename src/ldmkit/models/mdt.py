@@ -59,26 +59,18 @@ Differences from the original, all at the interface:
 
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence
+from dataclasses import dataclass
+from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
 
 from ldmkit.conditioning import Conditioning
-from ldmkit.models.control import build_control_embedder, control_init_kwargs
-from ldmkit.models.dit import FinalLayer
-from ldmkit.models.layers import (
-    Attention,
-    LabelEmbedder,
-    Mlp,
-    PatchEmbed,
-    TimestepEmbedder,
-    modulate,
-    unpatchify,
-)
-from ldmkit.models.positions import check_pe_options, sincos_table
+from ldmkit.models.base import Backbone, TransformerConfig, batch_times, xavier_init, zero_init
+from ldmkit.models.layers import (Attention, FinalLayer, LabelEmbedder, Mlp, PatchEmbed, TimestepEmbedder, modulate,
+                                  unpatchify)
+from ldmkit.models.positions import sincos_table
 from ldmkit.models.presets import MDT_PRESETS
 
 # The named sizes (mdt-s/2 ... mdt-xl/2, mdt-tiny/2) live in ``presets`` (torch-free), re-exported here.
@@ -193,97 +185,58 @@ class MDTBlock(nn.Module):
 #################################################################################
 
 
-class MDT(nn.Module):
+@dataclass(kw_only=True)
+class MDTConfig(TransformerConfig):
+    decode_layer: int = 4  # decoder blocks; the rest of ``depth`` (minus the side block) is two encoder halves
+    num_classes: int = 1000  # 0: unconditional
+
+    def validate(self, owner: str) -> None:
+        super().validate(owner)
+        if self.num_classes < 0:
+            raise ValueError(f"{owner}: num_classes must be >= 0 (0 = unconditional), got {self.num_classes}")
+        if self.decode_layer < 0 or self.depth < self.decode_layer or (self.depth - self.decode_layer) % 2:
+            raise ValueError(f"{owner}: depth - decode_layer must be even and >= 0 (two equal encoder halves), "
+                             f"got depth={self.depth}, decode_layer={self.decode_layer}")
+
+
+class MDT(Backbone):
     """MDT-v2: ``forward(x (B,C,H,W), t (B,) in [0,1], cond, mask=None) -> (B, out_channels, H, W)``.
 
     ``H = W = input_size`` is fixed by the positional embeddings and the relative-position tables.
     """
 
-    arch: str = "mdt"
+    arch = "mdt"
+    Config = MDTConfig
 
-    def __init__(
-        self,
-        input_size: int,
-        patch_size: int,
-        in_channels: int,
-        hidden_size: int,
-        depth: int,
-        num_heads: int,
-        decode_layer: int = 4,
-        mlp_ratio: float = 4.0,
-        num_classes: int = 1000,
-        learn_sigma: bool = False,
-        qk_norm: bool = False,
-        pe_mode: str = "extrapolate",
-        pe_base_grid: Optional[int] = None,
-        control_high: Sequence[str] = (),
-        control_low: Sequence[str] = (),
-        control_gate: str = "cosine",
-        control_alpha: float = 1.0,
-    ) -> None:
-        super().__init__()
-        if input_size % patch_size:
-            raise ValueError(f"MDT: input_size {input_size} is not divisible by patch_size {patch_size}")
-        if num_classes < 0:
-            raise ValueError(f"MDT: num_classes must be >= 0 (0 = unconditional), got {num_classes}")
-        check_pe_options("MDT", pe_mode, pe_base_grid)
-        if decode_layer < 0 or depth < decode_layer or (depth - decode_layer) % 2:
-            raise ValueError(
-                f"MDT: depth - decode_layer must be even and >= 0 (two equal encoder halves), "
-                f"got depth={depth}, decode_layer={decode_layer}"
-            )
-        self.init_kwargs: dict[str, Any] = dict(
-            input_size=int(input_size),
-            patch_size=int(patch_size),
-            in_channels=int(in_channels),
-            hidden_size=int(hidden_size),
-            depth=int(depth),
-            num_heads=int(num_heads),
-            decode_layer=int(decode_layer),
-            mlp_ratio=float(mlp_ratio),
-            num_classes=int(num_classes),
-            learn_sigma=bool(learn_sigma),
-            qk_norm=bool(qk_norm),
-            pe_mode=str(pe_mode),
-            pe_base_grid=None if pe_base_grid is None else int(pe_base_grid),
-            **control_init_kwargs(control_high, control_low, control_gate, control_alpha),
-        )
-        self.input_size = input_size
-        self.patch_size = patch_size
-        self.in_channels = in_channels
-        self.out_channels = 2 * in_channels if learn_sigma else in_channels
-        self.learn_sigma = learn_sigma
-        self.num_classes = num_classes
-        self.hidden_size = hidden_size
-        self.grid_size = input_size // patch_size
-        self.num_tokens = self.grid_size**2
-        self.decode_layer = decode_layer
-        self.half_depth = (depth - decode_layer) // 2
-        self.pe_mode, self.pe_base_grid = pe_mode, pe_base_grid
-        self.grad_checkpointing = False
+    def __init__(self, config: Optional[MDTConfig] = None, **kwargs: Any) -> None:
+        super().__init__(config, **kwargs)
+        c = self.config
+        D = c.hidden_size
+        self.num_classes = c.num_classes
+        self.decode_layer = c.decode_layer
+        self.half_depth = (c.depth - c.decode_layer) // 2
 
-        self.x_embedder = PatchEmbed(patch_size, in_channels, hidden_size)
-        self.t_embedder = TimestepEmbedder(hidden_size)
-        self.y_embedder = LabelEmbedder(num_classes, hidden_size) if num_classes > 0 else None
+        self.x_embedder = PatchEmbed(c.patch_size, c.in_channels, D)
+        self.t_embedder = TimestepEmbedder(D)
+        self.y_embedder = LabelEmbedder(c.num_classes, D) if c.num_classes > 0 else None
         # Control metadata (docs/method.md §3) joins c = t + y; None unless control fields are enabled.
-        self.control_embedder = build_control_embedder(hidden_size, control_high, control_low, control_gate,
-                                                       control_alpha)
+        self.control_embedder = self.make_control_embedder(D)
         N = self.num_tokens
-        self.pos_embed = nn.Parameter(torch.zeros(1, N, hidden_size))  # learnable, sin-cos init
-        self.decoder_pos_embed = nn.Parameter(torch.zeros(1, N, hidden_size))  # learnable, sin-cos init
-        self.mask_token = nn.Parameter(torch.zeros(1, 1, hidden_size))
+        self.pos_embed = nn.Parameter(torch.zeros(1, N, D))  # learnable, sin-cos init
+        self.decoder_pos_embed = nn.Parameter(torch.zeros(1, N, D))  # learnable, sin-cos init
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, D))
 
         def block(skip: bool) -> MDTBlock:
-            return MDTBlock(hidden_size, num_heads, self.grid_size, mlp_ratio=mlp_ratio, skip=skip, qk_norm=qk_norm)
+            return MDTBlock(D, c.num_heads, self.grid_size, mlp_ratio=c.mlp_ratio, skip=skip, qk_norm=c.qk_norm)
 
         h = self.half_depth
         self.blocks = nn.ModuleList(
             [block(skip=False) for _ in range(h)]  # en_inblocks
             + [block(skip=True) for _ in range(h)]  # en_outblocks (long skips)
             + [block(skip=False)]  # side-interpolator
-            + [block(skip=True) for _ in range(decode_layer)]  # de_blocks (dense input shortcut)
+            + [block(skip=True) for _ in range(c.decode_layer)]  # de_blocks (dense input shortcut)
         )
-        self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
+        self.final_layer = FinalLayer(D, c.patch_size, self.out_channels)
         self.initialize_weights()
 
     # The original's four block lists, as views of ``self.blocks`` (not registered twice).
@@ -306,14 +259,9 @@ class MDT(nn.Module):
     def initialize_weights(self) -> None:
         """Set every parameter (and the index buffers) as the original does; usable after ``to_empty``."""
 
-        def _basic_init(module: nn.Module) -> None:
-            if isinstance(module, nn.Linear):
-                nn.init.xavier_uniform_(module.weight)
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
-            elif isinstance(module, nn.RMSNorm) and module.weight is not None:
-                nn.init.ones_(module.weight)
-            elif isinstance(module, RelativePositionBias):
+        def _basic_init(module: nn.Module) -> None:  # one pass: the random draws keep their order
+            xavier_init(module)
+            if isinstance(module, RelativePositionBias):
                 module.reset_parameters()
 
         self.apply(_basic_init)
@@ -325,40 +273,20 @@ class MDT(nn.Module):
             self.pos_embed.copy_(pos.unsqueeze(0))
             self.decoder_pos_embed.copy_(pos.unsqueeze(0))
 
-        # Patch embedding initialised like a Linear on the flattened kernel.
-        w = self.x_embedder.proj.weight
-        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
-        nn.init.zeros_(self.x_embedder.proj.bias)
-
+        self.x_embedder.init_like_linear()
         if self.y_embedder is not None:
             nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
-        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
-        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
+        self.t_embedder.init_normal()
 
         # adaLN-Zero in every block (side block included) and a zero final layer.
-        for blk in self.blocks:
-            nn.init.zeros_(blk.adaLN_modulation[-1].weight)
-            nn.init.zeros_(blk.adaLN_modulation[-1].bias)
-        nn.init.zeros_(self.final_layer.adaLN_modulation[-1].weight)
-        nn.init.zeros_(self.final_layer.adaLN_modulation[-1].bias)
-        nn.init.zeros_(self.final_layer.linear.weight)
-        nn.init.zeros_(self.final_layer.linear.bias)
+        zero_init(*(blk.adaLN_modulation[-1] for blk in self.blocks))
+        zero_init(self.final_layer.adaLN_modulation[-1], self.final_layer.linear)
 
         nn.init.normal_(self.mask_token, std=0.02)
         if self.control_embedder is not None:
             self.control_embedder.initialize_weights()
 
-    def set_grad_checkpointing(self, enabled: bool = True) -> None:
-        """Recompute each block's activations in the backward pass instead of storing them."""
-        self.grad_checkpointing = enabled
-
     # ------------------------------------------------------------------------------------- helpers
-
-    def _run(self, block: MDTBlock, x: Tensor, c: Tensor, skip: Tensor | None,
-             ids_keep: Tensor | None) -> Tensor:
-        if self.grad_checkpointing and torch.is_grad_enabled():
-            return checkpoint(block, x, c, skip, ids_keep, use_reentrant=False)
-        return block(x, c, skip, ids_keep)
 
     def keep_indices(self, mask: Tensor) -> Tensor:
         """(B, N) bool mask (True = masked) -> (B, K) long indices of the visible tokens, ascending."""
@@ -385,7 +313,7 @@ class MDT(nn.Module):
         full = self.mask_token.to(x.dtype).expand(B, self.num_tokens, D)  # (B, N, D)
         full = full.scatter(1, index, x)  # (B, N, D) visible tokens in place, mask token elsewhere
         full = full + self.decoder_pos_embed  # (B, N, D)
-        out = self._run(self.sideblocks[0], full, c, None, None)  # (B, N, D)
+        out = self.run(self.sideblocks[0], full, c, None, None)  # (B, N, D)
         return torch.where(mask[:, :, None], out, full)  # (B, N, D)
 
     # ------------------------------------------------------------------------------------- forward
@@ -396,23 +324,13 @@ class MDT(nn.Module):
         ``cond.class_ids`` (B,) long, -1 = null class; mask: optional (B, N) bool, True = token
         dropped from the encoder (masked training pass)."""
         B, _, H, W = x.shape
-        if H != self.input_size or W != self.input_size:
-            raise ValueError(
-                f"MDT: input is {H}x{W} but the model was built for {self.input_size}x{self.input_size}"
-            )
-        if t.ndim == 0:
-            t = t.expand(B)  # (B,)
+        self.check_input_size(H, W)
+        t = batch_times(t, B)  # (B,)
         x = self.x_embedder(x) + self.pos_embed  # (B, N, D)
         c = self.t_embedder(t)  # (B, D)
         if self.y_embedder is not None:
-            if cond is None or cond.class_ids is None:
-                raise ValueError(
-                    "MDT: the model is class-conditional but cond.class_ids is missing "
-                    "(pass NULL_CLASS = -1 for unconditional samples)"
-                )
-            c = c + self.y_embedder(cond.class_ids)  # (B, D)
-        if self.control_embedder is not None:
-            c = c + self.control_embedder(cond, t)  # (B, D)
+            c = c + self.y_embedder(self.class_ids(cond))  # (B, D)
+        c = self.add_control(c, cond, t)  # (B, D)
         input_skip = x  # (B, N, D) dense shortcut of every decoder block
 
         ids_keep = None
@@ -424,10 +342,10 @@ class MDT(nn.Module):
 
         skips = []
         for block in self.en_inblocks:
-            x = self._run(block, x, c, None, ids_keep)  # (B, K, D)
+            x = self.run(block, x, c, None, ids_keep)  # (B, K, D)
             skips.append(x)
         for block in self.en_outblocks:
-            x = self._run(block, x, c, skips.pop(), ids_keep)  # (B, K, D)
+            x = self.run(block, x, c, skips.pop(), ids_keep)  # (B, K, D)
 
         if mask is not None:
             x = self.forward_side_interpolator(x, c, mask, ids_keep)  # (B, N, D)
@@ -435,7 +353,7 @@ class MDT(nn.Module):
             x = x + self.decoder_pos_embed  # (B, N, D)
 
         for block in self.de_blocks:
-            x = self._run(block, x, c, input_skip, None)  # (B, N, D)
+            x = self.run(block, x, c, input_skip, None)  # (B, N, D)
         x = self.final_layer(x, c)  # (B, N, p*p*C_out)
         return unpatchify(x, self.patch_size, self.out_channels, self.grid_size)  # (B, C_out, H, W)
 

@@ -93,25 +93,18 @@ context-stream FLOPs (L tokens through the second stream). The counts are re-che
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
 
 from ldmkit.conditioning import Conditioning
-from ldmkit.models.control import DEFAULT_HIGH, DEFAULT_LOW, build_control_embedder, control_init_kwargs
-from ldmkit.models.dit import FinalLayer  # the same final layer as DiT (sd3-ref's names too)
-from ldmkit.models.layers import (
-    LabelEmbedder,
-    Mlp,
-    PatchEmbed,
-    TimestepEmbedder,
-    modulate,
-    unpatchify,
-)
-from ldmkit.models.positions import check_pe_options, sincos_table
+from ldmkit.models.base import Backbone, TransformerConfig, batch_times, xavier_init, zero_init
+from ldmkit.models.control import DEFAULT_HIGH, DEFAULT_LOW
+from ldmkit.models.layers import FinalLayer, LabelEmbedder, Mlp, PatchEmbed, TimestepEmbedder, modulate, unpatchify
+from ldmkit.models.positions import sincos_table
 from ldmkit.models.presets import MMDIT_PRESETS
 
 #################################################################################
@@ -270,130 +263,87 @@ class JointBlock(nn.Module):
 #################################################################################
 
 
-class MMDiT(nn.Module):
+@dataclass(kw_only=True)
+class _JointConfig(TransformerConfig):
+    """What SD3's mmDiT and the improved mmDiT share."""
+
+    num_classes: int = 1000  # 0: no class input
+    class_tokens: int = 1  # context tokens per class
+    context_dim: int = 0  # width of cond.text (0: no text)
+    pooled_dim: int = 0  # width of cond.text_pooled (0: none)
+    pos_embed_max_size: Optional[int] = None  # SD3's max-size positional table (any input up to it)
+
+    def validate(self, owner: str) -> None:
+        super().validate(owner)
+        if min(self.num_classes, self.context_dim, self.pooled_dim) < 0:
+            raise ValueError(f"{owner}: num_classes, context_dim and pooled_dim must be >= 0 (0 = off)")
+        if self.num_classes > 0 and not (self.class_in_context or self.class_in_adaln):
+            raise ValueError(f"{owner}: num_classes > 0 needs class_in_context and/or class_in_adaln")
+        if self.class_tokens < 1:
+            raise ValueError(f"{owner}: class_tokens must be >= 1, got {self.class_tokens}")
+        if self.pe_mode == "interpolate" and self.pos_embed_max_size is not None:
+            raise ValueError(f"{owner}: pe_mode='interpolate' needs pos_embed_max_size=None (a table of exactly "
+                             "the token grid); use 'resample' with a max-size table")
+        grid = self.input_size // self.patch_size
+        if self.pos_embed_max_size is not None and self.pos_embed_max_size < grid:
+            raise ValueError(f"{owner}: pos_embed_max_size {self.pos_embed_max_size} is smaller than the token grid "
+                             f"{grid} of input_size {self.input_size} / patch_size {self.patch_size}")
+
+
+@dataclass(kw_only=True)
+class MMDiTConfig(_JointConfig):
+    class_in_context: bool = True  # class tokens in the context stream
+    class_in_adaln: bool = False  # the class embedding added to the adaLN vector (DiT's route; an ablation)
+
+
+class MMDiT(Backbone):
     """SD3's multimodal diffusion transformer:
     ``forward(x (B,C,H,W), t (B,) in [0,1], cond) -> (B, out_channels, H, W)``.
 
-    ``self.init_kwargs`` holds the constructor arguments (JSON-serialisable), so that
-    ``model_from_config({"arch": "mmdit", **init_kwargs})`` rebuilds the model.
+    Built from an ``MMDiTConfig`` or its fields as keyword arguments.
     """
 
-    arch: str = "mmdit"
+    arch = "mmdit"
+    Config: type[_JointConfig] = MMDiTConfig
 
-    def __init__(
-        self,
-        input_size: int,
-        patch_size: int,
-        in_channels: int,
-        hidden_size: int,
-        depth: int,
-        num_heads: int,
-        mlp_ratio: float = 4.0,
-        num_classes: int = 1000,
-        class_tokens: int = 1,
-        class_in_context: bool = True,
-        class_in_adaln: bool = False,
-        context_dim: int = 0,
-        pooled_dim: int = 0,
-        pos_embed_max_size: Optional[int] = None,
-        learn_sigma: bool = False,
-        qk_norm: bool = False,
-        pe_mode: str = "extrapolate",
-        pe_base_grid: Optional[int] = None,
-        control_high: Sequence[str] = (),
-        control_low: Sequence[str] = (),
-        control_gate: str = "cosine",
-        control_alpha: float = 1.0,
-    ) -> None:
-        super().__init__()
-        name = type(self).__name__
-        if input_size % patch_size:
-            raise ValueError(f"{name}: input_size {input_size} is not divisible by patch_size {patch_size}")
-        if min(num_classes, context_dim, pooled_dim) < 0:
-            raise ValueError(f"{name}: num_classes, context_dim and pooled_dim must be >= 0 (0 = off)")
-        if num_classes > 0 and not (class_in_context or class_in_adaln):
-            raise ValueError(f"{name}: num_classes > 0 needs class_in_context and/or class_in_adaln")
-        if class_tokens < 1:
-            raise ValueError(f"{name}: class_tokens must be >= 1, got {class_tokens}")
-        if depth < 1:
-            raise ValueError(f"{name}: depth must be >= 1, got {depth}")
-        check_pe_options(name, pe_mode, pe_base_grid)
-        if pe_mode == "interpolate" and pos_embed_max_size is not None:
-            raise ValueError(f"{name}: pe_mode='interpolate' needs pos_embed_max_size=None (a table of exactly "
-                             "the token grid); use 'resample' with a max-size table")
-        grid = input_size // patch_size
-        if pos_embed_max_size is not None and pos_embed_max_size < grid:
-            raise ValueError(
-                f"{name}: pos_embed_max_size {pos_embed_max_size} is smaller than the token grid {grid} "
-                f"of input_size {input_size} / patch_size {patch_size}"
-            )
-        self.init_kwargs: dict[str, Any] = dict(
-            input_size=int(input_size),
-            patch_size=int(patch_size),
-            in_channels=int(in_channels),
-            hidden_size=int(hidden_size),
-            depth=int(depth),
-            num_heads=int(num_heads),
-            mlp_ratio=float(mlp_ratio),
-            num_classes=int(num_classes),
-            class_tokens=int(class_tokens),
-            class_in_context=bool(class_in_context),
-            class_in_adaln=bool(class_in_adaln),
-            context_dim=int(context_dim),
-            pooled_dim=int(pooled_dim),
-            pos_embed_max_size=None if pos_embed_max_size is None else int(pos_embed_max_size),
-            learn_sigma=bool(learn_sigma),
-            qk_norm=bool(qk_norm),
-            pe_mode=str(pe_mode),
-            pe_base_grid=None if pe_base_grid is None else int(pe_base_grid),
-            **control_init_kwargs(control_high, control_low, control_gate, control_alpha),
-        )
-        self.input_size = input_size
-        self.patch_size = patch_size
-        self.in_channels = in_channels
-        self.out_channels = 2 * in_channels if learn_sigma else in_channels
-        self.hidden_size = hidden_size
-        self.num_heads = num_heads
-        self.num_classes = num_classes
-        self.class_tokens = class_tokens
-        self.context_dim = context_dim
-        self.pooled_dim = pooled_dim
-        self.grid_size = grid
-        self.num_tokens = grid**2
-        self.pos_embed_max_size = pos_embed_max_size
-        self.pe_mode, self.pe_base_grid = pe_mode, pe_base_grid
-        self.grad_checkpointing = False
+    def __init__(self, config: Optional[_JointConfig] = None, **kwargs: Any) -> None:
+        super().__init__(config, **kwargs)
+        c = self.config
+        D = c.hidden_size
+        self.num_heads = c.num_heads
+        self.num_classes, self.class_tokens = c.num_classes, c.class_tokens
+        self.context_dim, self.pooled_dim = c.context_dim, c.pooled_dim
+        self.pos_embed_max_size = c.pos_embed_max_size
 
-        self.x_embedder = PatchEmbed(patch_size, in_channels, hidden_size)
-        self.t_embedder = TimestepEmbedder(hidden_size)
-        self.y_embedder = VectorEmbedder(pooled_dim, hidden_size) if pooled_dim > 0 else None
-        self.context_embedder = nn.Linear(context_dim, hidden_size) if context_dim > 0 else None
-        use_tokens = num_classes > 0 and class_in_context
-        self.class_embedder = LabelEmbedder(num_classes, class_tokens * hidden_size) if use_tokens else None
-        use_adaln = num_classes > 0 and class_in_adaln
-        self.class_adaln_embedder = LabelEmbedder(num_classes, hidden_size) if use_adaln else None
+        self.x_embedder = PatchEmbed(c.patch_size, c.in_channels, D)
+        self.t_embedder = TimestepEmbedder(D)
+        self.y_embedder = VectorEmbedder(c.pooled_dim, D) if c.pooled_dim > 0 else None
+        self.context_embedder = nn.Linear(c.context_dim, D) if c.context_dim > 0 else None
+        use_tokens = c.num_classes > 0 and c.class_in_context
+        self.class_embedder = LabelEmbedder(c.num_classes, c.class_tokens * D) if use_tokens else None
+        use_adaln = c.num_classes > 0 and c.class_in_adaln
+        self.class_adaln_embedder = LabelEmbedder(c.num_classes, D) if use_adaln else None
         self.has_context = self.context_embedder is not None or self.class_embedder is not None
         # Control metadata (docs/method.md §3) joins c; None unless control fields are enabled.
-        self.control_embedder = build_control_embedder(hidden_size, control_high, control_low, control_gate,
-                                                       control_alpha)
+        self.control_embedder = self.make_control_embedder(D)
         # Fixed sin-cos table on the max grid, a persistent buffer as in SD3 (not a parameter).
-        self.pos_embed_side = pos_embed_max_size if pos_embed_max_size is not None else grid
+        self.pos_embed_side = c.pos_embed_max_size if c.pos_embed_max_size is not None else self.grid_size
         side = self.pos_embed_side
-        self.register_buffer("pos_embed", torch.zeros(1, side * side, hidden_size), persistent=True)
+        self.register_buffer("pos_embed", torch.zeros(1, side * side, D), persistent=True)
         self.blocks = nn.ModuleList(
             [
                 JointBlock(
-                    hidden_size,
-                    num_heads,
-                    mlp_ratio=mlp_ratio,
-                    qk_norm=qk_norm,
-                    context_pre_only=i == depth - 1,
+                    D,
+                    c.num_heads,
+                    mlp_ratio=c.mlp_ratio,
+                    qk_norm=c.qk_norm,
+                    context_pre_only=i == c.depth - 1,
                     has_context=self.has_context,
                 )
-                for i in range(depth)
+                for i in range(c.depth)
             ]
         )
-        self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
+        self.final_layer = FinalLayer(D, c.patch_size, self.out_channels)
         self.initialize_weights()
 
     # ----------------------------------------------------------------------------- init
@@ -402,15 +352,7 @@ class MMDiT(nn.Module):
         """Set every parameter and the positional table (DiT's scheme, see the module docstring); also
         usable after ``to_empty`` on a meta-built model."""
 
-        def _basic_init(module: nn.Module) -> None:
-            if isinstance(module, nn.Linear):
-                nn.init.xavier_uniform_(module.weight)
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
-            elif isinstance(module, nn.RMSNorm) and module.weight is not None:
-                nn.init.ones_(module.weight)
-
-        self.apply(_basic_init)
+        self.apply(xavier_init)
 
         # Fixed sin-cos table, computed in float64 on the CPU whatever the default device, then copied.
         # A max-size table is rescaled about the trained crop (``positions.sincos_table``).
@@ -422,9 +364,7 @@ class MMDiT(nn.Module):
         with torch.no_grad():
             self.pos_embed.copy_(torch.from_numpy(pos).float().unsqueeze(0))
 
-        w = self.x_embedder.proj.weight  # patch conv initialised like a Linear on the flattened kernel
-        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
-        nn.init.zeros_(self.x_embedder.proj.bias)
+        self.x_embedder.init_like_linear()
 
         for emb in (self.class_embedder, self.class_adaln_embedder):
             if emb is not None:
@@ -435,21 +375,11 @@ class MMDiT(nn.Module):
                 nn.init.normal_(mlp[2].weight, std=0.02)
 
         # adaLN-Zero: every modulation output of both streams and the final projection start at zero.
-        for block in self.blocks:
-            for stream in (block.x_block, block.context_block):
-                if stream is not None:
-                    nn.init.zeros_(stream.adaLN_modulation[-1].weight)
-                    nn.init.zeros_(stream.adaLN_modulation[-1].bias)
-        nn.init.zeros_(self.final_layer.adaLN_modulation[-1].weight)
-        nn.init.zeros_(self.final_layer.adaLN_modulation[-1].bias)
-        nn.init.zeros_(self.final_layer.linear.weight)
-        nn.init.zeros_(self.final_layer.linear.bias)
+        zero_init(*(stream.adaLN_modulation[-1] for block in self.blocks
+                    for stream in (block.x_block, block.context_block) if stream is not None))
+        zero_init(self.final_layer.adaLN_modulation[-1], self.final_layer.linear)
         if self.control_embedder is not None:
             self.control_embedder.initialize_weights()
-
-    def set_grad_checkpointing(self, enabled: bool = True) -> None:
-        """Recompute each block's activations in the backward pass instead of storing them."""
-        self.grad_checkpointing = enabled
 
     # ----------------------------------------------------------------------------- conditioning
 
@@ -460,17 +390,12 @@ class MMDiT(nn.Module):
         table = self.pos_embed.reshape(1, side, side, -1)  # (1, S, S, D)
         return table[:, top : top + h, left : left + w, :].reshape(1, h * w, -1)  # (1, h*w, D)
 
-    def control_embedding(self, cond: Optional[Conditioning], t: Tensor) -> Optional[Tensor]:
-        """The (B, D) control term ``E_high + γ(t) · E_low`` added to the adaLN vector c (docs/method.md §3), or
-        None without control fields (SD3 has none). ``t`` (B,) in [0, 1], t = 1 noise, drives the gate."""
-        return None if self.control_embedder is None else self.control_embedder(cond, t)
-
     def _context(self, cond: Optional[Conditioning], B: int, dtype: torch.dtype) -> tuple[Optional[Tensor], Optional[Tensor]]:
         """Context tokens (B, L, D) = [class tokens, text tokens] and their key mask (B, L) (None = all)."""
         name = type(self).__name__
         parts, masks = [], []
         if self.class_embedder is not None:
-            ids = self._class_ids(cond)
+            ids = self.class_ids(cond)
             tokens = self.class_embedder(ids).reshape(B, self.class_tokens, self.hidden_size)  # (B, K, D)
             parts.append(tokens)
             masks.append(None)
@@ -495,14 +420,6 @@ class MMDiT(nn.Module):
         )  # (B, K+L)
         return context, mask
 
-    def _class_ids(self, cond: Optional[Conditioning]) -> Tensor:
-        if cond is None or cond.class_ids is None:
-            raise ValueError(
-                f"{type(self).__name__}: the model is class-conditional but cond.class_ids is missing "
-                "(pass NULL_CLASS = -1 for unconditional samples)"
-            )
-        return cond.class_ids
-
     # ----------------------------------------------------------------------------- forward
 
     def forward(self, x: Tensor, t: Tensor, cond: Optional[Conditioning] = None) -> Tensor:
@@ -522,8 +439,7 @@ class MMDiT(nn.Module):
                 f"pos_embed_max_size * patch_size = {self.pos_embed_max_size * p}"
             )
         h, w = H // p, W // p
-        if t.ndim == 0:
-            t = t.expand(B)  # (B,)
+        t = batch_times(t, B)  # (B,)
         x = self.x_embedder(x) + self.cropped_pos_embed(h, w)  # (B, N, D), N = h * w
         c = self.t_embedder(t)  # (B, D)
         if self.y_embedder is not None:
@@ -531,18 +447,22 @@ class MMDiT(nn.Module):
                 raise ValueError(f"{type(self).__name__}: pooled_dim > 0 but cond.text_pooled is missing")
             c = c + self.y_embedder(cond.text_pooled)  # (B, D)
         if self.class_adaln_embedder is not None:
-            c = c + self.class_adaln_embedder(self._class_ids(cond))  # (B, D)
-        control = self.control_embedding(cond, t)  # (B, D) or None
-        if control is not None:
-            c = c + control  # (B, D)
+            c = c + self.class_adaln_embedder(self.class_ids(cond))  # (B, D)
+        c = self.add_control(c, cond, t)  # (B, D)
         context, ctx_mask = self._context(cond, B, x.dtype)  # (B, L, D) or None, (B, L) or None
         for block in self.blocks:
-            if self.grad_checkpointing and torch.is_grad_enabled():
-                context, x = checkpoint(block, x, context, c, ctx_mask, use_reentrant=False)  # (B, L, D), (B, N, D)
-            else:
-                context, x = block(x, context, c, ctx_mask)  # (B, L, D), (B, N, D)
+            context, x = self.run(block, x, context, c, ctx_mask)  # (B, L, D), (B, N, D)
         x = self.final_layer(x, c)  # (B, N, p*p*C_out)
         return unpatchify(x, p, self.out_channels, (h, w))  # (B, C_out, H, W)
+
+
+@dataclass(kw_only=True)
+class MMDiTImprovedConfig(_JointConfig):
+    # Semantic inputs only as context tokens (not fields: the improved model has no other route).
+    class_in_context = True
+    class_in_adaln = False
+    control_high: Sequence[str] = DEFAULT_HIGH
+    control_low: Sequence[str] = DEFAULT_LOW
 
 
 class MMDiTImproved(MMDiT):
@@ -554,56 +474,8 @@ class MMDiTImproved(MMDiT):
     embedder (``control_high=("crop", "flip", "aspect")``, ``control_low=("orig_size",)``, cosine gate,
     α = 1); every control option can be changed or switched off (``control_high=[], control_low=[]``)."""
 
-    arch: str = "mmdit-improved"
-
-    def __init__(
-        self,
-        input_size: int,
-        patch_size: int,
-        in_channels: int,
-        hidden_size: int,
-        depth: int,
-        num_heads: int,
-        mlp_ratio: float = 4.0,
-        num_classes: int = 1000,
-        class_tokens: int = 1,
-        context_dim: int = 0,
-        pooled_dim: int = 0,
-        pos_embed_max_size: Optional[int] = None,
-        learn_sigma: bool = False,
-        qk_norm: bool = False,
-        pe_mode: str = "extrapolate",
-        pe_base_grid: Optional[int] = None,
-        control_high: Sequence[str] = DEFAULT_HIGH,
-        control_low: Sequence[str] = DEFAULT_LOW,
-        control_gate: str = "cosine",
-        control_alpha: float = 1.0,
-    ) -> None:
-        super().__init__(
-            input_size=input_size,
-            patch_size=patch_size,
-            in_channels=in_channels,
-            hidden_size=hidden_size,
-            depth=depth,
-            num_heads=num_heads,
-            mlp_ratio=mlp_ratio,
-            num_classes=num_classes,
-            class_tokens=class_tokens,
-            class_in_context=True,
-            class_in_adaln=False,
-            context_dim=context_dim,
-            pooled_dim=pooled_dim,
-            pos_embed_max_size=pos_embed_max_size,
-            learn_sigma=learn_sigma,
-            qk_norm=qk_norm,
-            pe_mode=pe_mode,
-            pe_base_grid=pe_base_grid,
-            control_high=control_high,
-            control_low=control_low,
-            control_gate=control_gate,
-            control_alpha=control_alpha,
-        )
-        del self.init_kwargs["class_in_context"], self.init_kwargs["class_in_adaln"]
+    arch = "mmdit-improved"
+    Config = MMDiTImprovedConfig
 
 
 #################################################################################

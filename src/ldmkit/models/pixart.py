@@ -54,24 +54,16 @@ Interface differences from the original
 from __future__ import annotations
 
 import math
-from typing import Any, Optional, Sequence
+from dataclasses import dataclass
+from typing import Any, Optional
 
 import torch
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
 
 from ldmkit.conditioning import Conditioning
-from ldmkit.models.control import build_control_embedder, control_init_kwargs
-from ldmkit.models.layers import (
-    Attention,
-    CrossAttention,
-    LabelEmbedder,
-    Mlp,
-    PatchEmbed,
-    TimestepEmbedder,
-    unpatchify,
-)
-from ldmkit.models.positions import check_pe_options, sincos_table
+from ldmkit.models.base import Backbone, TransformerConfig, batch_times, xavier_init, zero_init
+from ldmkit.models.layers import Attention, CrossAttention, LabelEmbedder, Mlp, PatchEmbed, TimestepEmbedder, unpatchify
+from ldmkit.models.positions import sincos_table
 from ldmkit.models.presets import PIXART_PRESETS
 
 
@@ -150,12 +142,41 @@ class T2IFinalLayer(nn.Module):
 #################################################################################
 
 
-class PixArt(nn.Module):
+@dataclass(kw_only=True)
+class PixArtConfig(TransformerConfig):
+    """``TransformerConfig`` plus PixArt's conditioning (see ``PixArt``)."""
+
+    num_classes: int = 0
+    context_dim: int = 0
+    pooled_dim: int = 0
+    num_class_tokens: int = 1
+    pe_interpolation: float = 1.0
+    pe_mode: str = "resample"  # PixArt's own convention: positions on its base grid
+
+    def positions_grid(self) -> Optional[int]:
+        return self.input_size // self.patch_size if self.pe_base_grid is None else self.pe_base_grid
+
+    def validate(self, owner: str) -> None:
+        if self.pe_interpolation <= 0 or (self.pe_base_grid is not None and self.pe_base_grid <= 0):
+            raise ValueError(f"{owner}: pe_interpolation and pe_base_grid must be > 0, got "
+                             f"{self.pe_interpolation}, {self.pe_base_grid}")
+        super().validate(owner)
+        if min(self.num_classes, self.context_dim, self.pooled_dim) < 0:
+            raise ValueError(f"{owner}: num_classes, context_dim and pooled_dim must be >= 0, got "
+                             f"{self.num_classes}, {self.context_dim}, {self.pooled_dim}")
+        if self.num_classes > 0 and self.context_dim > 0:
+            raise ValueError(f"{owner}: the cross-attention context is either class tokens (num_classes > 0) or text "
+                             f"tokens (context_dim > 0), not both; got num_classes={self.num_classes}, "
+                             f"context_dim={self.context_dim}")
+        if self.num_class_tokens < 1:
+            raise ValueError(f"{owner}: num_class_tokens must be >= 1, got {self.num_class_tokens}")
+
+
+class PixArt(Backbone):
     """PixArt-α: ``forward(x (B,C,H,W), t (B,) in [0,1], cond) -> (B, out_channels, H, W)``.
 
-    ``H = W = input_size`` is fixed by the positional table. ``self.init_kwargs`` holds the constructor
-    arguments (JSON-serialisable) so that ``model_from_config({"arch": "pixart", **init_kwargs})``
-    rebuilds the model.
+    ``H = W = input_size`` is fixed by the positional table. Built from a ``PixArtConfig`` or its fields
+    as keyword arguments.
 
     Args:
         num_classes: > 0 for class-conditional (class tokens as cross-attention context).
@@ -167,130 +188,46 @@ class PixArt(nn.Module):
         pe_base_grid: grid the positions are expressed on (None: this model's grid, as the original).
     """
 
-    arch: str = "pixart"
+    arch = "pixart"
+    Config = PixArtConfig
 
-    def __init__(
-        self,
-        input_size: int,
-        patch_size: int,
-        in_channels: int,
-        hidden_size: int,
-        depth: int,
-        num_heads: int,
-        mlp_ratio: float = 4.0,
-        num_classes: int = 0,
-        context_dim: int = 0,
-        pooled_dim: int = 0,
-        num_class_tokens: int = 1,
-        learn_sigma: bool = False,
-        qk_norm: bool = False,
-        pe_interpolation: float = 1.0,
-        pe_base_grid: Optional[int] = None,
-        pe_mode: str = "resample",
-        control_high: Sequence[str] = (),
-        control_low: Sequence[str] = (),
-        control_gate: str = "cosine",
-        control_alpha: float = 1.0,
-    ) -> None:
-        super().__init__()
-        if input_size % patch_size:
-            raise ValueError(f"PixArt: input_size {input_size} is not divisible by patch_size {patch_size}")
-        if num_classes < 0 or context_dim < 0 or pooled_dim < 0:
-            raise ValueError(
-                f"PixArt: num_classes, context_dim and pooled_dim must be >= 0, got "
-                f"{num_classes}, {context_dim}, {pooled_dim}"
-            )
-        if num_classes > 0 and context_dim > 0:
-            raise ValueError(
-                "PixArt: the cross-attention context is either class tokens (num_classes > 0) or text tokens "
-                f"(context_dim > 0), not both; got num_classes={num_classes}, context_dim={context_dim}"
-            )
-        if num_class_tokens < 1:
-            raise ValueError(f"PixArt: num_class_tokens must be >= 1, got {num_class_tokens}")
-        if pe_interpolation <= 0 or (pe_base_grid is not None and pe_base_grid <= 0):
-            raise ValueError(
-                f"PixArt: pe_interpolation and pe_base_grid must be > 0, got {pe_interpolation}, {pe_base_grid}"
-            )
-        # PixArt's own convention is resample with the base grid defaulting to the model's grid.
-        check_pe_options("PixArt", pe_mode, input_size // patch_size if pe_base_grid is None else pe_base_grid)
-        self.init_kwargs: dict[str, Any] = dict(
-            input_size=int(input_size),
-            patch_size=int(patch_size),
-            in_channels=int(in_channels),
-            hidden_size=int(hidden_size),
-            depth=int(depth),
-            num_heads=int(num_heads),
-            mlp_ratio=float(mlp_ratio),
-            num_classes=int(num_classes),
-            context_dim=int(context_dim),
-            pooled_dim=int(pooled_dim),
-            num_class_tokens=int(num_class_tokens),
-            learn_sigma=bool(learn_sigma),
-            qk_norm=bool(qk_norm),
-            pe_interpolation=float(pe_interpolation),
-            pe_base_grid=None if pe_base_grid is None else int(pe_base_grid),
-            pe_mode=str(pe_mode),
-            **control_init_kwargs(control_high, control_low, control_gate, control_alpha),
-        )
-        self.input_size = input_size
-        self.patch_size = patch_size
-        self.in_channels = in_channels
-        self.out_channels = 2 * in_channels if learn_sigma else in_channels
-        self.hidden_size = hidden_size
-        self.learn_sigma = learn_sigma
-        self.num_classes = num_classes
-        self.context_dim = context_dim
-        self.pooled_dim = pooled_dim
-        self.num_class_tokens = num_class_tokens
-        self.grid_size = input_size // patch_size
-        self.num_tokens = self.grid_size**2
-        self.pe_interpolation = float(pe_interpolation)
-        self.pe_base_grid = self.grid_size if pe_base_grid is None else int(pe_base_grid)
-        self.pe_mode = pe_mode
-        self.grad_checkpointing = False
+    def __init__(self, config: Optional[PixArtConfig] = None, **kwargs: Any) -> None:
+        super().__init__(config, **kwargs)
+        c = self.config
+        D = c.hidden_size
+        self.num_classes, self.context_dim, self.pooled_dim = c.num_classes, c.context_dim, c.pooled_dim
+        self.num_class_tokens = c.num_class_tokens
+        self.pe_interpolation = c.pe_interpolation
+        self.pe_base_grid = c.positions_grid()
 
-        self.x_embedder = PatchEmbed(patch_size, in_channels, hidden_size)
-        self.t_embedder = TimestepEmbedder(hidden_size)
-        self.t_block = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size, bias=True))
-        if context_dim > 0:
-            self.y_embedder: Optional[nn.Module] = CaptionEmbedder(context_dim, hidden_size)
-        elif num_classes > 0:
-            self.y_embedder = LabelEmbedder(num_classes, num_class_tokens * hidden_size)
+        self.x_embedder = PatchEmbed(c.patch_size, c.in_channels, D)
+        self.t_embedder = TimestepEmbedder(D)
+        self.t_block = nn.Sequential(nn.SiLU(), nn.Linear(D, 6 * D, bias=True))
+        if c.context_dim > 0:
+            self.y_embedder: Optional[nn.Module] = CaptionEmbedder(c.context_dim, D)
+        elif c.num_classes > 0:
+            self.y_embedder = LabelEmbedder(c.num_classes, c.num_class_tokens * D)
         else:
             self.y_embedder = None
         self.pooled_embedder = (
-            nn.Sequential(nn.Linear(pooled_dim, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size))
-            if pooled_dim > 0
-            else None
+            nn.Sequential(nn.Linear(c.pooled_dim, D), nn.SiLU(), nn.Linear(D, D)) if c.pooled_dim > 0 else None
         )
         # Control metadata (docs/method.md §3) joins the timestep embedding before t_block, like the pooled text.
-        self.control_embedder = build_control_embedder(hidden_size, control_high, control_low, control_gate,
-                                                       control_alpha)
+        self.control_embedder = self.make_control_embedder(D)
         # Fixed sin-cos table, a persistent buffer as in the original (in state_dict, not a parameter).
-        self.register_buffer("pos_embed", torch.zeros(1, self.num_tokens, hidden_size))
+        self.register_buffer("pos_embed", torch.zeros(1, self.num_tokens, D))
         has_context = self.y_embedder is not None
         self.blocks = nn.ModuleList(
-            [
-                PixArtBlock(hidden_size, num_heads, mlp_ratio=mlp_ratio, cross_attention=has_context, qk_norm=qk_norm)
-                for _ in range(depth)
-            ]
+            [PixArtBlock(D, c.num_heads, mlp_ratio=c.mlp_ratio, cross_attention=has_context, qk_norm=c.qk_norm)
+             for _ in range(c.depth)]
         )
-        self.final_layer = T2IFinalLayer(hidden_size, patch_size, self.out_channels)
+        self.final_layer = T2IFinalLayer(D, c.patch_size, self.out_channels)
         self.initialize_weights()
 
     def initialize_weights(self) -> None:
         """Set every parameter and buffer as PixArt does (also usable after ``to_empty`` on a meta build)."""
         D = self.hidden_size
-
-        def _basic_init(module: nn.Module) -> None:
-            if isinstance(module, nn.Linear):
-                nn.init.xavier_uniform_(module.weight)
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
-            elif isinstance(module, nn.RMSNorm) and module.weight is not None:
-                nn.init.ones_(module.weight)
-
-        self.apply(_basic_init)
+        self.apply(xavier_init)
 
         # Fixed sin-cos positional table, float64 on the CPU (regardless of a surrounding device context).
         pos = sincos_table(D, self.grid_size, self.pe_mode, self.pe_base_grid, scale=self.pe_interpolation)  # (N, D)
@@ -299,15 +236,14 @@ class PixArt(nn.Module):
 
         # Patch embedding weight like a Linear (xavier on the flattened kernel). The original leaves the
         # conv bias at nn.Conv2d's default init, U(-1/sqrt(fan_in), 1/sqrt(fan_in)); reproduced here.
+        self.x_embedder.init_like_linear(zero_bias=False)
         w = self.x_embedder.proj.weight
-        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
         fan_in = w.shape[1] * w.shape[2] * w.shape[3]
         bound = 1.0 / math.sqrt(fan_in)
         nn.init.uniform_(self.x_embedder.proj.bias, -bound, bound)
 
         # Timestep MLP and the shared adaLN-single projection.
-        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
-        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
+        self.t_embedder.init_normal()
         nn.init.normal_(self.t_block[1].weight, std=0.02)
 
         # Caption MLP (text) or class table (extension, DiT's init).
@@ -324,19 +260,13 @@ class PixArt(nn.Module):
         for block in self.blocks:
             nn.init.normal_(block.scale_shift_table, std=D**-0.5)
             if block.cross_attn is not None:
-                nn.init.zeros_(block.cross_attn.proj.weight)
-                nn.init.zeros_(block.cross_attn.proj.bias)
+                zero_init(block.cross_attn.proj)
 
         # Final layer: table ~ randn / sqrt(D), zero output projection.
         nn.init.normal_(self.final_layer.scale_shift_table, std=D**-0.5)
-        nn.init.zeros_(self.final_layer.linear.weight)
-        nn.init.zeros_(self.final_layer.linear.bias)
+        zero_init(self.final_layer.linear)
         if self.control_embedder is not None:
             self.control_embedder.initialize_weights()
-
-    def set_grad_checkpointing(self, enabled: bool = True) -> None:
-        """Recompute each block's activations in the backward pass instead of storing them."""
-        self.grad_checkpointing = enabled
 
     def _context(self, cond: Optional[Conditioning], batch: int) -> tuple[Optional[Tensor], Optional[Tensor]]:
         """The cross-attention context (B, L, D) and its key mask (B, L) bool (or None)."""
@@ -362,12 +292,7 @@ class PixArt(nn.Module):
                 mask = mask.bool()  # (B, L)
                 mask = mask | ~mask.any(dim=1, keepdim=True)  # (B, L): an all-padding row attends to all
             return y, mask
-        if cond is None or cond.class_ids is None:
-            raise ValueError(
-                "PixArt: the model is class-conditional but cond.class_ids is missing "
-                "(pass NULL_CLASS = -1 for unconditional samples)"
-            )
-        y = self.y_embedder(cond.class_ids)  # (B, K*D)
+        y = self.y_embedder(self.class_ids(cond))  # (B, K*D)
         return y.reshape(batch, self.num_class_tokens, self.hidden_size), None  # (B, K, D)
 
     def forward(self, x: Tensor, t: Tensor, cond: Optional[Conditioning] = None) -> Tensor:
@@ -375,12 +300,8 @@ class PixArt(nn.Module):
         ``cond.text`` (+ ``cond.text_mask``) or class ids ``cond.class_ids`` (-1 = null), and
         ``cond.text_pooled`` when ``pooled_dim > 0``."""
         B, _, H, W = x.shape
-        if H != self.input_size or W != self.input_size:
-            raise ValueError(
-                f"PixArt: input is {H}x{W} but the model was built for {self.input_size}x{self.input_size}"
-            )
-        if t.ndim == 0:
-            t = t.expand(B)  # (B,)
+        self.check_input_size(H, W)
+        t = batch_times(t, B)  # (B,)
         x = self.x_embedder(x) + self.pos_embed  # (B, N, D), N = H * W / p**2
         t_emb = self.t_embedder(t)  # (B, D)
         if self.pooled_embedder is not None:
@@ -388,15 +309,11 @@ class PixArt(nn.Module):
                 raise ValueError("PixArt: pooled_dim > 0 but cond.text_pooled is missing")
             pooled = cond.text_pooled.to(self.pooled_embedder[0].weight.dtype)  # (B, pooled_dim)
             t_emb = t_emb + self.pooled_embedder(pooled)  # (B, D)
-        if self.control_embedder is not None:
-            t_emb = t_emb + self.control_embedder(cond, t)  # (B, D)
+        t_emb = self.add_control(t_emb, cond, t)  # (B, D)
         t0 = self.t_block(t_emb)  # (B, 6D)
         y, mask = self._context(cond, B)  # (B, L, D), (B, L) or None
         for block in self.blocks:
-            if self.grad_checkpointing and torch.is_grad_enabled():
-                x = checkpoint(block, x, y, t0, mask, use_reentrant=False)  # (B, N, D)
-            else:
-                x = block(x, y, t0, mask)  # (B, N, D)
+            x = self.run(block, x, y, t0, mask)  # (B, N, D)
         x = self.final_layer(x, t_emb)  # (B, N, p*p*C_out)
         return unpatchify(x, self.patch_size, self.out_channels, self.grid_size)  # (B, C_out, H, W)
 

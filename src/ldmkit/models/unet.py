@@ -63,15 +63,15 @@ Contract details:
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
 
 from ldmkit.conditioning import Conditioning
-from ldmkit.models.control import build_control_embedder, control_init_kwargs
+from ldmkit.models.base import Backbone, BackboneConfig, batch_times, zero_init
 from ldmkit.models.layers import Attention, CrossAttention, LabelEmbedder, TimestepEmbedder, timestep_embedding
 from ldmkit.models.presets import UNET_PRESETS
 
@@ -274,7 +274,59 @@ class MidBlock(nn.Module):
 #################################################################################
 
 
-class UNet(nn.Module):
+@dataclass(kw_only=True)
+class UNetConfig(BackboneConfig):
+    """The U-Net's sizes and conditioning (see ``UNet``); ``None`` defaults are resolved on construction."""
+
+    input_size: int
+    model_channels: int = 320
+    channel_mult: Sequence[int] = (1, 2, 4)
+    num_res_blocks: int = 2
+    transformer_depth: Sequence[int] = (0, 2, 10)
+    transformer_depth_middle: Optional[int] = None  # default: transformer_depth[-1], at least 1
+    num_head_channels: int = 64
+    num_heads: int = -1
+    num_classes: int = 0
+    class_embed_dim: Optional[int] = None  # default: context_dim with text, else 4 * model_channels
+    context_dim: int = 0
+    pooled_dim: int = 0
+    micro_conditioning: bool = False
+    micro_embed_dim: int = 256
+    latent_scale: float = 8.0
+    linear_projection: bool = True
+    resblock_scale_shift: bool = False
+    norm_groups: int = 32
+    dropout: float = 0.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.transformer_depth_middle is None and self.transformer_depth:
+            self.transformer_depth_middle = max(self.transformer_depth[-1], 1)
+        if self.class_embed_dim is None:
+            self.class_embed_dim = self.context_dim if self.context_dim > 0 else 4 * self.model_channels
+
+    def validate(self, owner: str) -> None:
+        super().validate(owner)
+        levels = len(self.channel_mult)
+        if levels < 1 or len(self.transformer_depth) != levels:
+            raise ValueError(f"{owner}: transformer_depth {self.transformer_depth} must give one depth per level of "
+                             f"channel_mult {self.channel_mult}")
+        if self.transformer_depth_middle < 1 or min(self.transformer_depth) < 0:
+            raise ValueError(f"{owner}: transformer depths must be >= 0 (>= 1 in the middle block)")
+        if (self.num_head_channels > 0) == (self.num_heads > 0):
+            raise ValueError(f"{owner}: set exactly one of num_head_channels ({self.num_head_channels}) and num_heads "
+                             f"({self.num_heads})")
+        if min(self.num_classes, self.context_dim, self.pooled_dim) < 0:
+            raise ValueError(f"{owner}: num_classes, context_dim and pooled_dim must be >= 0 (0 = unused)")
+        if self.num_classes > 0 and self.context_dim > 0 and self.class_embed_dim != self.context_dim:
+            raise ValueError(f"{owner}: with both classes and text the class token joins the text tokens, so "
+                             f"class_embed_dim ({self.class_embed_dim}) must equal context_dim ({self.context_dim})")
+        for width in (self.model_channels * m for m in self.channel_mult):
+            if width % self.norm_groups:
+                raise ValueError(f"{owner}: {width} channels are not divisible by norm_groups {self.norm_groups}")
+
+
+class UNet(Backbone):
     """LDM/SDXL U-Net: ``forward(x (B,C,H,W), t (B,) in [0,1], cond) -> (B, out_channels, H, W)``.
 
     Args (sizes; the data fixes ``input_size``, ``in_channels``, ``num_classes``, ``context_dim``,
@@ -295,124 +347,43 @@ class UNet(nn.Module):
             embedding (LDM ``use_scale_shift_norm``; False in LDM-4-G and SDXL).
     """
 
-    arch: str = "unet"
+    arch = "unet"
+    Config = UNetConfig
 
-    def __init__(
-        self,
-        input_size: int,
-        in_channels: int,
-        model_channels: int = 320,
-        channel_mult: Sequence[int] = (1, 2, 4),
-        num_res_blocks: int = 2,
-        transformer_depth: Sequence[int] = (0, 2, 10),
-        transformer_depth_middle: Optional[int] = None,
-        num_head_channels: int = 64,
-        num_heads: int = -1,
-        num_classes: int = 0,
-        class_embed_dim: Optional[int] = None,
-        context_dim: int = 0,
-        pooled_dim: int = 0,
-        micro_conditioning: bool = False,
-        micro_embed_dim: int = 256,
-        latent_scale: float = 8.0,
-        linear_projection: bool = True,
-        resblock_scale_shift: bool = False,
-        norm_groups: int = 32,
-        dropout: float = 0.0,
-        learn_sigma: bool = False,
-        qk_norm: bool = False,
-        control_high: Sequence[str] = (),
-        control_low: Sequence[str] = (),
-        control_gate: str = "cosine",
-        control_alpha: float = 1.0,
-    ) -> None:
-        super().__init__()
-        channel_mult = [int(m) for m in channel_mult]
-        transformer_depth = [int(d) for d in transformer_depth]
+    def __init__(self, config: Optional[UNetConfig] = None, **kwargs: Any) -> None:
+        super().__init__(config, **kwargs)
+        c = self.config
+        model_channels, channel_mult, transformer_depth = c.model_channels, c.channel_mult, c.transformer_depth
+        num_res_blocks, norm_groups, in_channels = c.num_res_blocks, c.norm_groups, c.in_channels
         levels = len(channel_mult)
-        if levels < 1 or len(transformer_depth) != levels:
-            raise ValueError(
-                f"UNet: transformer_depth {transformer_depth} must give one depth per level of "
-                f"channel_mult {channel_mult}"
-            )
-        if transformer_depth_middle is None:
-            transformer_depth_middle = max(transformer_depth[-1], 1)
-        if transformer_depth_middle < 1 or min(transformer_depth) < 0:
-            raise ValueError("UNet: transformer depths must be >= 0 (>= 1 in the middle block)")
-        if (num_head_channels > 0) == (num_heads > 0):
-            raise ValueError(
-                f"UNet: set exactly one of num_head_channels ({num_head_channels}) and num_heads ({num_heads})"
-            )
-        if num_classes < 0 or context_dim < 0 or pooled_dim < 0:
-            raise ValueError("UNet: num_classes, context_dim and pooled_dim must be >= 0 (0 = unused)")
-        if class_embed_dim is None:
-            class_embed_dim = context_dim if context_dim > 0 else 4 * model_channels
-        if num_classes > 0 and context_dim > 0 and class_embed_dim != context_dim:
-            raise ValueError(
-                f"UNet: with both classes and text the class token joins the text tokens, so class_embed_dim "
-                f"({class_embed_dim}) must equal context_dim ({context_dim})"
-            )
         widths = [model_channels * m for m in channel_mult]
-        for w in widths:
-            if w % norm_groups:
-                raise ValueError(f"UNet: {w} channels are not divisible by norm_groups {norm_groups}")
-
-        self.init_kwargs: dict[str, Any] = dict(
-            input_size=int(input_size),
-            in_channels=int(in_channels),
-            model_channels=int(model_channels),
-            channel_mult=channel_mult,
-            num_res_blocks=int(num_res_blocks),
-            transformer_depth=transformer_depth,
-            transformer_depth_middle=int(transformer_depth_middle),
-            num_head_channels=int(num_head_channels),
-            num_heads=int(num_heads),
-            num_classes=int(num_classes),
-            class_embed_dim=int(class_embed_dim),
-            context_dim=int(context_dim),
-            pooled_dim=int(pooled_dim),
-            micro_conditioning=bool(micro_conditioning),
-            micro_embed_dim=int(micro_embed_dim),
-            latent_scale=float(latent_scale),
-            linear_projection=bool(linear_projection),
-            resblock_scale_shift=bool(resblock_scale_shift),
-            norm_groups=int(norm_groups),
-            dropout=float(dropout),
-            learn_sigma=bool(learn_sigma),
-            qk_norm=bool(qk_norm),
-            **control_init_kwargs(control_high, control_low, control_gate, control_alpha),
-        )
-        self.input_size = input_size
-        self.in_channels = in_channels
-        self.out_channels = 2 * in_channels if learn_sigma else in_channels
-        self.learn_sigma = learn_sigma
+        self.input_size = c.input_size
         self.model_channels = model_channels
         self.channel_mult = channel_mult
         self.num_res_blocks = num_res_blocks
         self.transformer_depth = transformer_depth
-        self.num_classes = num_classes
-        self.context_dim = context_dim
-        self.pooled_dim = pooled_dim
-        self.micro_conditioning = micro_conditioning
-        self.micro_embed_dim = micro_embed_dim
-        self.latent_scale = latent_scale
-        self.num_tokens = input_size * input_size
+        self.num_classes = c.num_classes
+        self.context_dim = c.context_dim
+        self.pooled_dim = c.pooled_dim
+        self.micro_conditioning = c.micro_conditioning
+        self.micro_embed_dim = c.micro_embed_dim
+        self.latent_scale = c.latent_scale
+        self.num_tokens = c.input_size * c.input_size
         self.downsample_factor = 2 ** (levels - 1)
-        self.grad_checkpointing = False
-        self.num_head_channels = num_head_channels
-        self.num_heads = num_heads
+        self.num_head_channels = c.num_head_channels
+        self.num_heads = c.num_heads
 
         time_embed_dim = 4 * model_channels
         # Cross-attention context width: text tokens, else the class token, else none (self-attention).
         self.cross_attention_dim: Optional[int] = (
-            context_dim if context_dim > 0 else (class_embed_dim if num_classes > 0 else None)
+            c.context_dim if c.context_dim > 0 else (c.class_embed_dim if c.num_classes > 0 else None)
         )
 
         # ---- stem and embedders
         self.conv_in = nn.Conv2d(in_channels, model_channels, kernel_size=3, padding=1)
         self.t_embedder = TimestepEmbedder(time_embed_dim, frequency_embedding_size=model_channels)
-        self.y_embedder = LabelEmbedder(num_classes, class_embed_dim) if num_classes > 0 else None
-        self.add_embed_in_dim = pooled_dim + (NUM_TIME_IDS * micro_embed_dim if micro_conditioning else 0)
+        self.y_embedder = LabelEmbedder(c.num_classes, c.class_embed_dim) if c.num_classes > 0 else None
+        self.add_embed_in_dim = c.pooled_dim + (NUM_TIME_IDS * c.micro_embed_dim if c.micro_conditioning else 0)
         self.add_embedder = (
             nn.Sequential(
                 nn.Linear(self.add_embed_in_dim, time_embed_dim),
@@ -425,18 +396,17 @@ class UNet(nn.Module):
 
         # Control metadata with a time gate (docs/method.md §3), added to the time embedding like SDXL's
         # micro-conditioning (which is the same path with a constant gate).
-        self.control_embedder = build_control_embedder(time_embed_dim, control_high, control_low, control_gate,
-                                                       control_alpha)
+        self.control_embedder = self.make_control_embedder(time_embed_dim)
 
         # ---- units: down path, middle, up path (LDM input_blocks[1:], middle_block, output_blocks)
         def res(cin: int, cout: int) -> ResBlock:
-            return ResBlock(cin, cout, time_embed_dim, norm_groups, dropout, resblock_scale_shift)
+            return ResBlock(cin, cout, time_embed_dim, norm_groups, c.dropout, c.resblock_scale_shift)
 
         def attn(ch: int, depth: int) -> Optional[SpatialTransformer]:
             if depth == 0:
                 return None
             return SpatialTransformer(ch, self.heads_for(ch), depth, self.cross_attention_dim, norm_groups,
-                                      linear_projection, qk_norm)
+                                      c.linear_projection, c.qk_norm)
 
         units: list[nn.Module] = []
         skip_channels = [model_channels]  # channels of each tensor pushed on the skip stack
@@ -450,7 +420,7 @@ class UNet(nn.Module):
                 units.append(Downsample(ch))
                 skip_channels.append(ch)
         self.num_down_units = len(units)
-        mid_attn = attn(ch, transformer_depth_middle)
+        mid_attn = attn(ch, c.transformer_depth_middle)
         assert mid_attn is not None
         units.append(MidBlock(res(ch, ch), mid_attn, res(ch, ch)))
         for level in reversed(range(levels)):
@@ -493,17 +463,10 @@ class UNet(nn.Module):
                 zero = [module.proj_out]
             else:
                 continue
-            for m in zero:
-                nn.init.zeros_(m.weight)
-                nn.init.zeros_(m.bias)
-        nn.init.zeros_(self.conv_out.weight)
-        nn.init.zeros_(self.conv_out.bias)
+            zero_init(*zero)
+        zero_init(self.conv_out)
         if self.control_embedder is not None:
             self.control_embedder.initialize_weights()
-
-    def set_grad_checkpointing(self, enabled: bool = True) -> None:
-        """Recompute each unit of ``self.blocks`` in the backward pass instead of storing activations."""
-        self.grad_checkpointing = enabled
 
     # ----------------------------------------------------------------- conditioning
 
@@ -529,12 +492,7 @@ class UNet(nn.Module):
         """Cross-attention context (B, L, D_ctx) and key mask (B, L) bool (None: attend to all)."""
         tokens, masks = [], []
         if self.y_embedder is not None:
-            if cond is None or cond.class_ids is None:
-                raise ValueError(
-                    "UNet: the model is class-conditional but cond.class_ids is missing "
-                    "(pass NULL_CLASS = -1 for unconditional samples)"
-                )
-            y = self.y_embedder(cond.class_ids)[:, None, :]  # (B, 1, D_ctx)
+            y = self.y_embedder(self.class_ids(cond))[:, None, :]  # (B, 1, D_ctx)
             tokens.append(y)
             masks.append(torch.ones(B, 1, dtype=torch.bool, device=y.device))
         if self.context_dim > 0:
@@ -569,8 +527,7 @@ class UNet(nn.Module):
         f = self.downsample_factor
         if H % f or W % f:
             raise ValueError(f"UNet: input size {H}x{W} is not divisible by {f} (2 ** (levels - 1))")
-        if t.ndim == 0:
-            t = t.expand(B)  # (B,)
+        t = batch_times(t, B)  # (B,)
         emb = self.t_embedder(t)  # (B, D_emb), D_emb = 4 * model_channels
         if self.add_embedder is not None:
             parts = []
@@ -582,8 +539,7 @@ class UNet(nn.Module):
                 parts.append(self.micro_features(cond, B, H, W, x.device))  # (B, 6 * micro_embed_dim)
             add_in = torch.cat(parts, dim=1).to(self.add_embedder[0].weight.dtype)  # (B, add_embed_in_dim)
             emb = emb + self.add_embedder(add_in)  # (B, D_emb)
-        if self.control_embedder is not None:
-            emb = emb + self.control_embedder(cond, t)  # (B, D_emb)
+        emb = self.add_control(emb, cond, t)  # (B, D_emb)
         context, mask = self.context(cond, B)  # (B, L, D_ctx), (B, L)
 
         h = self.conv_in(x)  # (B, model_channels, H, W)
@@ -591,10 +547,7 @@ class UNet(nn.Module):
         for i, unit in enumerate(self.blocks):
             if i > self.num_down_units:  # up path: concatenate the matching skip first
                 h = torch.cat([h, skips.pop()], dim=1)  # (B, C + C_skip, h, w)
-            if self.grad_checkpointing and torch.is_grad_enabled():
-                h = checkpoint(unit, h, emb, context, mask, use_reentrant=False)  # (B, C_unit, h', w')
-            else:
-                h = unit(h, emb, context, mask)  # (B, C_unit, h', w')
+            h = self.run(unit, h, emb, context, mask)  # (B, C_unit, h', w')
             if i < self.num_down_units:
                 skips.append(h)
         h = self.conv_out(F.silu(self.norm_out(h)))  # (B, C_out, H, W)
