@@ -118,7 +118,8 @@ class Backbone(nn.Module):
         self.out_channels = 2 * config.in_channels if config.learn_sigma else config.in_channels
         self.grad_checkpointing = False
         if isinstance(config, TransformerConfig):
-            self.input_size, self.patch_size, self.hidden_size = config.input_size, config.patch_size, config.hidden_size
+            self.input_size, self.patch_size = config.input_size, config.patch_size
+            self.hidden_size = config.hidden_size
             self.grid_size = config.input_size // config.patch_size
             self.num_tokens = self.grid_size**2
             self.pe_mode, self.pe_base_grid = config.pe_mode, config.pe_base_grid

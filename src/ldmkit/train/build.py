@@ -17,10 +17,13 @@ from typing import Any, Callable, Optional
 
 import torch
 from torch import nn
+from torch.utils.data import DataLoader, IterableDataset
 
 from ldmkit.conditioning import Conditioning
 from ldmkit.config import Config, ConfigError
 from ldmkit.data import build_dataset
+from ldmkit.data.stream import StreamDataset, StreamSampler
+from ldmkit.data.batch import collate
 from ldmkit.data.latents import LatentCacheDataset, autoencoder_identity, check_cache, data_identity, read_index
 from ldmkit.diffusion.ddpm import DDPM
 from ldmkit.diffusion.flow import FlowMatching
@@ -164,6 +167,27 @@ def make_buckets(cfg: Config, dataset, autoencoder) -> list[tuple[int, int]]:
                 "covering the longest side in patches") from None
     dataset.use_buckets(buckets)
     return buckets
+
+
+def training_batches(dataset, cfg: Config, dist: D.Dist, micro_batch: int, position: int, buckets=None):
+    """This rank's micro-batches from global data position ``position`` on: every sample once per epoch
+    in a per-epoch permutation, the same for any number of ranks (``data/stream.py``)."""
+    workers = cfg.data.num_workers
+    common = dict(collate_fn=collate, num_workers=workers, persistent_workers=workers > 0,
+                  pin_memory=dist.device.type == "cuda")
+    if isinstance(dataset, IterableDataset):  # WebDataset shards: each rank/worker reads its own
+        # An approximate resume: the epoch the position falls in starts again with its shard order.
+        dataset.start_epoch = position // max(cfg.data.num_samples, 1)
+        return iter(DataLoader(dataset, batch_size=micro_batch, **common))
+    if buckets is not None:  # every global batch from one bucket
+        from ldmkit.data.buckets import BucketBatchSampler
+
+        sampler = BucketBatchSampler(dataset.bucket_ids, cfg.train.batch_size, micro_batch, seed=cfg.seed,
+                                     start=position, rank=dist.rank, world_size=dist.world_size)
+        return iter(DataLoader(StreamDataset(dataset), batch_sampler=sampler, **common))
+    sampler = StreamSampler(len(dataset), seed=cfg.seed, global_batch=cfg.train.batch_size, start=position,
+                            rank=dist.rank, world_size=dist.world_size)
+    return iter(DataLoader(StreamDataset(dataset), batch_size=micro_batch, sampler=sampler, **common))
 
 
 # --------------------------------------------------------------------------------------------------

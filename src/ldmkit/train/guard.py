@@ -22,9 +22,14 @@ exceeds 1.4x the running median; DDPM with batch 4 reaches 15x, hence the defaul
 from __future__ import annotations
 
 import math
+import shutil
 import statistics
 from collections import deque
-from typing import Any
+from pathlib import Path
+from typing import Any, Optional
+
+from ldmkit.errors import TrainingDiverged
+from ldmkit.train.checkpoint import checkpoint_step, list_checkpoints
 
 SPIKE_WINDOW = 100  # good steps whose median loss is the spike reference
 SPIKE_MIN_HISTORY = 20  # no spike test before this many good steps
@@ -67,3 +72,32 @@ class DivergenceGuard:
         self.losses = deque((float(x) for x in state.get("losses", ())), maxlen=SPIKE_WINDOW)
         ref = state.get("reference_norm")
         self.reference_norm = None if ref is None else float(ref)
+
+
+def set_aside_checkpoints_after(run_dir: Path, last_good: Optional[int]) -> list[str]:
+    """Rename the checkpoints newer than the newest known-good one (all of them without one) to
+    ``diverged_step_*``: they hold the broken weights, are kept for inspection and never resumed."""
+    moved = []
+    for ckpt in list_checkpoints(run_dir):
+        if last_good is None or checkpoint_step(ckpt) > last_good:
+            target = ckpt.with_name(f"diverged_{ckpt.name}")
+            if target.exists():  # from an earlier divergence of this run
+                shutil.rmtree(target)
+            ckpt.rename(target)
+            moved.append(target.name)
+    return moved
+
+
+def diverged_error(run_dir: Path, step: int, reason: str, last_good: Optional[int],
+                   moved: list[str]) -> TrainingDiverged:
+    """The error that stops a diverged run: what happened, and how to go on from the last good weights."""
+    again = f"ldmkit train --resume auto run.dir={run_dir} train.lr=<lower>"
+    if last_good is not None:
+        good = run_dir / "checkpoints" / f"step_{last_good:07d}"
+        advice = (f"The newest checkpoint with healthy weights is {good}; continue from it with a lower learning "
+                  f"rate: {again}")
+    else:
+        advice = f"No checkpoint holds healthy weights yet; start again with a lower learning rate: {again}"
+    if moved:
+        advice += f". Checkpoints with the broken weights were renamed: {', '.join(moved)}"
+    return TrainingDiverged(f"training diverged at step {step}: {reason}. {advice}")

@@ -41,6 +41,25 @@ class RunPlan:
     skipped: list[tuple[Path, str]] = field(default_factory=list)  # damaged newer checkpoints, and why
 
 
+def plan_run_on_rank0(cfg: Config, resume: str | None, dist) -> RunPlan:
+    """``plan_run`` on rank 0, the answer (or the same error) on every rank, so that none waits forever."""
+    from ldmkit.train import distributed as D
+
+    answer: Any = None
+    error: Exception | None = None
+    if dist.is_main:
+        try:
+            answer = plan_run(cfg, resume)
+        except Exception as e:  # every rank must hear of it
+            error, answer = e, f"{type(e).__name__}: {e}"
+    answer = D.broadcast_object(dist, answer)
+    if error is not None:
+        raise error
+    if isinstance(answer, str):
+        raise RunDirError(f"rank 0 could not set up the run: {answer}")
+    return answer
+
+
 def _holds_anything(directory: Path) -> bool:
     """Whether a directory holds anything but the hidden temporary files of an interrupted write."""
     return any(not (p.name.startswith(".") and p.name.endswith(".tmp")) for p in directory.iterdir())

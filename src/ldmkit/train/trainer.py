@@ -9,7 +9,6 @@ from its Config, ``step.py`` takes one optimizer step, ``state.py`` holds the co
 from __future__ import annotations
 
 import json
-import shutil
 import signal
 import time
 from dataclasses import dataclass
@@ -17,15 +16,13 @@ from pathlib import Path
 from typing import Any, Iterator, Optional
 
 import torch
-from torch.utils.data import DataLoader, IterableDataset
 from tqdm.auto import tqdm
 
 from ldmkit.autoencoders import build_autoencoder
 from ldmkit.conditioning import CONTROL_FIELDS, Conditioner
 from ldmkit.config import Config, dump_yaml, to_dict
-from ldmkit.data.batch import Batch, collate
+from ldmkit.data.batch import Batch
 from ldmkit.data.decode import DataReport
-from ldmkit.data.stream import StreamDataset, StreamSampler
 from ldmkit.errors import RunDirError, TrainingDiverged
 from ldmkit.eval.hooks import RunEvaluator
 from ldmkit.files import atomic_write_json, atomic_write_text
@@ -35,12 +32,12 @@ from ldmkit.text import build_text_conditioner
 from ldmkit.train import distributed as D
 from ldmkit.train.build import (build_objective, build_run_model, build_training_data, check_inputs,
                                 check_semantic_source, make_buckets, micro_batch, open_init_source, pick_device,
-                                resolve_config, wrap_for_training)
-from ldmkit.train.checkpoint import (checkpoint_step, list_checkpoints, model_config, read_checkpoint,
+                                resolve_config, training_batches, wrap_for_training)
+from ldmkit.train.checkpoint import (model_config, read_checkpoint,
                                      save_checkpoint)
-from ldmkit.train.guard import DivergenceGuard
+from ldmkit.train.guard import DivergenceGuard, diverged_error, set_aside_checkpoints_after
 from ldmkit.train.metrics import read_metrics
-from ldmkit.train.run_dir import RunPlan, create_run_dir, plan_run
+from ldmkit.train.run_dir import create_run_dir, plan_run_on_rank0
 from ldmkit.train.state import TrainState
 from ldmkit.train.step import TrainStep, lr_at
 from ldmkit.train.telemetry import StepWindow, Telemetry, peak_tflops
@@ -83,7 +80,9 @@ class Trainer:
         self.data_report.add(getattr(self.dataset, "init_issues", ()))
         check_semantic_source(cfg, self.dataset)
         # Where the run goes and what it resumes from: decided now, written only once nothing can fail.
-        self.plan = self._plan_run(resume)
+        self.plan = plan_run_on_rank0(self.cfg, resume, self.dist)
+        for ckpt, why in self.plan.skipped if self.main else ():
+            print(f"Skipping damaged checkpoint {ckpt}: {why}")
         if self.plan.resume_from is not None:
             init_source = None  # a resume restores its own weights
         elif init_source is None and cfg.init.from_:  # started again from step 0: it needs its initial weights
@@ -114,7 +113,7 @@ class Trainer:
         self._eval_model = None
 
         # Nothing below can fail on bad input: the run directory is made (or continued) now.
-        self.run_dir = self._create_run_dir()
+        self.run_dir = Path(D.broadcast_object(self.dist, str(create_run_dir(self.plan, cfg)) if self.main else None))
         if self.main and not self.plan.resuming:  # first, so that a run directory always has its config
             dump_yaml(cfg, self.run_dir / "config.yaml")
         if init_report is not None and self.main:
@@ -166,29 +165,6 @@ class Trainer:
     # ----------------------------------------------------------------------------------------------
     # The run directory and checkpoints
     # ----------------------------------------------------------------------------------------------
-
-    def _plan_run(self, resume: Optional[str]) -> RunPlan:
-        """Rank 0 plans the run directory and the checkpoint to resume from (``train/run_dir.py``);
-        every rank receives the answer, or the same error, so that no rank is left waiting."""
-        answer: Any = None
-        error: Optional[Exception] = None
-        if self.main:
-            try:
-                answer = plan_run(self.cfg, resume)
-                for ckpt, why in answer.skipped:
-                    print(f"Skipping damaged checkpoint {ckpt}: {why}")
-            except Exception as e:  # every rank must hear of it, or the others wait forever
-                error, answer = e, f"{type(e).__name__}: {e}"
-        answer = D.broadcast_object(self.dist, answer)
-        if error is not None:
-            raise error
-        if isinstance(answer, str):
-            raise RunDirError(f"rank 0 could not set up the run: {answer}")
-        return answer
-
-    def _create_run_dir(self) -> Path:
-        path = str(create_run_dir(self.plan, self.cfg)) if self.main else None
-        return Path(D.broadcast_object(self.dist, path))
 
     def _checkpoint_dir(self, step: int) -> Path:
         return self.run_dir / "checkpoints" / f"step_{step:07d}"
@@ -242,28 +218,10 @@ class Trainer:
         return path or self._checkpoint_dir(self.step)
 
     def _diverged(self, reason: str) -> TrainingDiverged:
-        """The error that stops a diverged run. Checkpoints newer than the newest one known to be healthy
-        hold the broken weights: they are renamed ``diverged_step_*`` (kept, never resumed)."""
-        good = self.state.last_good_step
-        moved: list[str] = []
-        if self.main:
-            for ckpt in list_checkpoints(self.run_dir):
-                if good is None or checkpoint_step(ckpt) > good:
-                    target = ckpt.with_name(f"diverged_{ckpt.name}")
-                    if target.exists():  # from an earlier divergence of this run
-                        shutil.rmtree(target)
-                    ckpt.rename(target)
-                    moved.append(target.name)
+        """The error that stops a diverged run; checkpoints newer than the last good one are set aside."""
+        moved = set_aside_checkpoints_after(self.run_dir, self.state.last_good_step) if self.main else []
         D.barrier(self.dist)
-        again = f"ldmkit train --resume auto run.dir={self.run_dir} train.lr=<lower>"
-        if good is not None:
-            advice = (f"The newest checkpoint with healthy weights is {self._checkpoint_dir(good)}; continue "
-                      f"from it with a lower learning rate: {again}")
-        else:
-            advice = f"No checkpoint holds healthy weights yet; start again with a lower learning rate: {again}"
-        if moved:
-            advice += f". Checkpoints with the broken weights were renamed: {', '.join(moved)}"
-        return TrainingDiverged(f"training diverged at step {self.step}: {reason}. {advice}")
+        return diverged_error(self.run_dir, self.step, reason, self.state.last_good_step, moved)
 
     # ----------------------------------------------------------------------------------------------
     # Data
@@ -271,24 +229,8 @@ class Trainer:
 
     def _batches(self) -> Iterator[Batch]:
         """The micro-batches of this rank from the current data position on."""
-        cfg, workers = self.cfg, self.cfg.data.num_workers
-        common = dict(collate_fn=collate, num_workers=workers, persistent_workers=workers > 0,
-                      pin_memory=self.device.type == "cuda")
-        position = self.state.data_position
-        if isinstance(self.dataset, IterableDataset):  # WebDataset shards: each rank/worker reads its own
-            # An approximate resume: the epoch the position falls in starts again with its shard order.
-            self.dataset.start_epoch = position // max(cfg.data.num_samples, 1)
-            return iter(DataLoader(self.dataset, batch_size=self.micro_batch, **common))
-        if self.buckets is not None:  # every global batch from one bucket
-            from ldmkit.data.buckets import BucketBatchSampler
-
-            batch_sampler = BucketBatchSampler(self.dataset.bucket_ids, cfg.train.batch_size, self.micro_batch,
-                                               seed=cfg.seed, start=position, rank=self.dist.rank,
-                                               world_size=self.dist.world_size)
-            return iter(DataLoader(StreamDataset(self.dataset), batch_sampler=batch_sampler, **common))
-        sampler = StreamSampler(len(self.dataset), seed=cfg.seed, global_batch=cfg.train.batch_size, start=position,
-                                rank=self.dist.rank, world_size=self.dist.world_size)
-        return iter(DataLoader(StreamDataset(self.dataset), batch_size=self.micro_batch, sampler=sampler, **common))
+        return training_batches(self.dataset, self.cfg, self.dist, self.micro_batch, self.state.data_position,
+                                self.buckets)
 
     # ----------------------------------------------------------------------------------------------
     # The loop
@@ -448,7 +390,8 @@ class Trainer:
             print(f"Sample more:   ldmkit sample --checkpoint {self.run_dir} --class 0 --num 16 --out grid.png")
         else:
             prompt = next(iter(self.evaluator.grid_prompts()), "a prompt")
-            print(f"Sample more:   ldmkit sample --checkpoint {self.run_dir} --prompt {prompt!r} --num 16 --out grid.png")
+            print(f"Sample more:   ldmkit sample --checkpoint {self.run_dir} --prompt {prompt!r} --num 16 "
+                  "--out grid.png")
 
 
 def _eval_record(result: dict[str, Any]) -> dict[str, Any]:
