@@ -24,14 +24,8 @@ from ldmkit.diffusion.masking import (
     random_token_mask,
 )
 from ldmkit.models.layers import get_2d_sincos_pos_embed
-from ldmkit.models.mdt import (
-    MDT,
-    PRESETS,
-    RelativePositionBias,
-    from_original_state_dict,
-    relative_position_index,
-    to_original_state_dict,
-)
+from ldmkit.models.convert_mdt import from_original_state_dict, to_original_state_dict
+from ldmkit.models.mdt import MDT, PRESETS, RelativePositionBias, relative_position_index
 
 TINY = dict(input_size=8, in_channels=4, num_classes=5, **PRESETS["mdt-tiny/2"])  # 16 tokens, width 64
 

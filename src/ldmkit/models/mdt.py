@@ -28,7 +28,7 @@ When tokens are dropped, the bias rows and columns of the kept tokens are gather
 Module layout: ``self.blocks`` holds all ``depth + 1`` blocks in execution order of a masked pass,
 ``[en_inblocks | en_outblocks | sideblock | de_blocks]`` (the FSDP/compile units); the original's four
 lists are views of it (``en_inblocks``, ``en_outblocks``, ``sideblocks``, ``de_blocks``).
-``from_original_state_dict`` / ``to_original_state_dict`` rename official checkpoint keys
+``convert_mdt.from_original_state_dict`` / ``to_original_state_dict`` rename official checkpoint keys
 (``en_inblocks.i.*`` ...) to ours (``blocks.j.*``) and back.
 
 Conditioning: class-conditional only, like the original: ``cond.class_ids`` enter adaLN through
@@ -356,61 +356,3 @@ class MDT(Backbone):
             x = self.run(block, x, c, input_skip, None)  # (B, N, D)
         x = self.final_layer(x, c)  # (B, N, p*p*C_out)
         return unpatchify(x, self.patch_size, self.out_channels, self.grid_size)  # (B, C_out, H, W)
-
-
-#################################################################################
-#                        Official checkpoint key mapping                        #
-#################################################################################
-
-
-def _block_names(half_depth: int, decode_layer: int) -> list[str]:
-    """Original prefix of each of our ``blocks.j``, in order."""
-    return (
-        [f"en_inblocks.{i}" for i in range(half_depth)]
-        + [f"en_outblocks.{i}" for i in range(half_depth)]
-        + ["sideblocks.0"]
-        + [f"de_blocks.{i}" for i in range(decode_layer)]
-    )
-
-
-def from_original_state_dict(state_dict: dict[str, Tensor], half_depth: int, decode_layer: int) -> dict[str, Tensor]:
-    """Rename a sail-sg/MDT ``MDTv2`` state dict to ours (``model.load_state_dict(..., strict=True)``).
-
-    ``half_depth = (depth - decode_layer) / 2``. The stored ``relative_position_index`` buffers are
-    checked against ours and dropped (ours are recomputed)."""
-    names = _block_names(half_depth, decode_layer)
-    prefix_map = {f"{name}.": f"blocks.{j}." for j, name in enumerate(names)}
-    out: dict[str, Tensor] = {}
-    for key, value in state_dict.items():
-        if key.endswith("attn.rel_pos_bias.relative_position_index"):
-            n = value.shape[0]
-            g = round(n**0.5)
-            if g * g != n or not torch.equal(value.cpu(), relative_position_index(g, g)):
-                raise ValueError(f"from_original_state_dict: unexpected relative_position_index in {key!r}")
-            continue
-        for old, new in prefix_map.items():
-            if key.startswith(old):
-                key = new + key[len(old):]
-                break
-        else:
-            if key.split(".")[0] in ("en_inblocks", "en_outblocks", "sideblocks", "de_blocks"):
-                raise ValueError(
-                    f"from_original_state_dict: {key!r} does not fit half_depth={half_depth}, "
-                    f"decode_layer={decode_layer}"
-                )
-        out[key] = value
-    return out
-
-
-def to_original_state_dict(model: MDT) -> dict[str, Tensor]:
-    """Our state dict under the original's key names (index buffers included, as the original stores)."""
-    names = _block_names(model.half_depth, model.decode_layer)
-    out: dict[str, Tensor] = {}
-    for key, value in model.state_dict().items():
-        if key.startswith("blocks."):
-            _, j, rest = key.split(".", 2)
-            key = f"{names[int(j)]}.{rest}"
-        out[key] = value
-    for j, blk in enumerate(model.blocks):
-        out[f"{names[j]}.attn.rel_pos_bias.relative_position_index"] = blk.attn.rel_pos_bias.relative_position_index
-    return out
