@@ -572,3 +572,22 @@ def test_debug_shows_the_traceback(tmp_path, capsys):
     rc, _, err = cli(capsys, "--debug", "train", *BASE, f"run.dir={tmp_path / 'file'}", "data.name=imagenet",
                      f"data.path={tmp_path / 'missing'}", "--no-progress")
     assert rc == 2 and "Traceback" in err and "ldmkit: error: data.path" in err
+
+
+def test_sampling_needs_no_dataset_the_class_names_travel_with_the_checkpoint(tmp_path, capsys):
+    from ldmkit.train.checkpoint import read_class_names
+
+    data = _image_folders(tmp_path / "data", {"cats": 3, "dogs": 3})
+    run = tmp_path / "run"
+    rc, _, err = cli(capsys, "train", *BASE, "data.name=imagenet", f"data.path={data}", "train.steps=2",
+                     f"run.dir={run}", "--no-progress")
+    assert rc == 0, err
+    assert read_class_names(list_checkpoints(run)[-1]) == ["cats", "dogs"]
+    shutil.rmtree(data)  # the run is sampled on a machine without its training data
+    rc, out, err = cli(capsys, "sample", "--checkpoint", run, "--class", "dogs", "--num", 2, "--steps", 2,
+                       "--out", tmp_path / "dogs.png")
+    assert rc == 0, err
+    assert "class 'dogs'" in out and (tmp_path / "dogs.png").is_file()
+    rc, _, err = cli(capsys, "sample", "--checkpoint", run, "--class", "dgos", "--out", tmp_path / "x.png")
+    assert rc == 2
+    assert_one_line_error(err, "'dgos'", "did you mean 'dogs'")

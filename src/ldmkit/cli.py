@@ -168,13 +168,25 @@ def _text_conditioner(cfg, device):
     return build_text_conditioner(cfg.cond.text, device)
 
 
-def _class_id(value: str, dataset) -> int:
+def _class_names(ckpt: Path, cfg, model) -> list[str]:
+    """The class names of a class model: stored in its checkpoint; for checkpoints written before they
+    were, the procedural shapes' names or the class ids (no dataset is opened)."""
+    from ldmkit.train.checkpoint import read_class_names
+
+    names = read_class_names(ckpt)
+    if names is None and cfg.data.name == "shapes":
+        from ldmkit.data import build_dataset
+
+        names = list(build_dataset(cfg.data, seed=cfg.seed).class_names)
+    return names if names is not None else [str(i) for i in range(getattr(model, "num_classes", 0))]
+
+
+def _class_id(value: str, names: list[str]) -> int:
     if value.lstrip("-").isdigit():
         cid = int(value)
-        if not 0 <= cid < dataset.num_classes:
-            raise ConfigError(f"--class {cid} is out of range: this model has classes 0..{dataset.num_classes - 1}")
+        if not 0 <= cid < len(names):
+            raise ConfigError(f"--class {cid} is out of range: this model has classes 0..{len(names) - 1}")
         return cid
-    names = list(dataset.class_names)
     if value in names:
         return names.index(value)
     import difflib
@@ -189,11 +201,9 @@ def cmd_sample(args: argparse.Namespace) -> int:
     import torch
 
     from ldmkit.autoencoders import build_autoencoder, to_uint8
-    from ldmkit.data import build_dataset
     from ldmkit.sampling import conditions_for, default_control, generate, make_grid
 
     ckpt, model, cfg, device = _load_for_sampling(args)
-    dataset = build_dataset(cfg.data, seed=cfg.seed)
     ae = build_autoencoder(cfg.autoencoder, device=device)
     text = _text_conditioner(cfg, device)
     control = default_control(args.num, cfg.data.image_size, **_control_settings(args, cfg))
@@ -209,12 +219,13 @@ def cmd_sample(args: argparse.Namespace) -> int:
     else:
         if args.prompt:
             raise ConfigError("--prompt: this model is class-conditional; use --class")
+        names = _class_names(ckpt, cfg, model)
         if args.cls is None:  # one of every class, cycling
-            classes = torch.arange(args.num) % dataset.num_classes
+            classes = torch.arange(args.num) % len(names)
         else:
-            classes = torch.full((args.num,), _class_id(args.cls, dataset), dtype=torch.long)
+            classes = torch.full((args.num,), _class_id(args.cls, names), dtype=torch.long)
         cond, uncond = conditions_for(control, class_ids=classes)
-        what = "every class" if args.cls is None else f"class {dataset.class_names[int(classes[0])]!r}"
+        what = "every class" if args.cls is None else f"class {names[int(classes[0])]!r}"
     size = cfg.data.image_size // ae.downsample
     settings = _sample_settings(args, cfg, model)
     x = generate(model, cond, (ae.channels, size, size), uncond=uncond, seed=args.seed, device=device,
@@ -260,14 +271,13 @@ def cmd_eval_shapes(args: argparse.Namespace) -> int:
 
 
 def cmd_eval_disentangle(args: argparse.Namespace) -> int:
-    from ldmkit.data import build_dataset
     from ldmkit.eval.disentangle import evaluate_disentanglement, format_disentanglement
 
     ckpt, model, cfg, device = _load_for_sampling(args)
     control = _control_settings(args, cfg)
     if cfg.cond.semantic == "text" and args.cls is not None:
         raise ConfigError("--class: this model is text-conditional; use --prompt")
-    class_id = None if args.cls is None else _class_id(args.cls, build_dataset(cfg.data, seed=cfg.seed))
+    class_id = None if args.cls is None else _class_id(args.cls, _class_names(ckpt, cfg, model))
     result, figure = evaluate_disentanglement(
         model, cfg, device=device, num=args.num, sizes=args.sizes, seed=args.seed, class_id=class_id,
         prompts=args.prompt, crop=control["crop"], flip=control["flip"], lpips_backbone=args.lpips_backbone,
@@ -333,7 +343,7 @@ def cmd_eval_fid(args: argparse.Namespace) -> int:
     args.device = str(dist.device)
     try:
         ckpt, model, cfg, device = _load_for_sampling(args)
-        dataset = build_dataset(cfg.data, seed=cfg.seed)
+        dataset = build_dataset(cfg.data, seed=cfg.seed) if cfg.data.name == "shapes" else None  # its captions
         ae = build_autoencoder(cfg.autoencoder, device=device)
         text = _text_conditioner(cfg, device)
         settings = _sample_settings(args, cfg, model)

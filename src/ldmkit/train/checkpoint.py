@@ -6,6 +6,7 @@ Layout of one checkpoint (a directory ``<run>/checkpoints/step_0001000``)::
     ema.safetensors     weights of the EMA model
     model.json          {"arch": ..., constructor kwargs}: rebuilds the model with no other input
     config.json         the run's resolved configuration
+    classes.json        class-conditional runs: the class names in id order (sampling needs no dataset)
     train_state.pt      optimizer state, step, data position, RNG states, guard state (tensors and plain
                         values only; read with torch.load(weights_only=True), which never runs pickled code)
     manifest.json       written last: the size and SHA-256 of every file above
@@ -44,6 +45,7 @@ from ldmkit.models import model_from_config
 CHECKPOINT_FILES = ("model.safetensors", "ema.safetensors", "model.json", "config.json", "train_state.pt")
 WEIGHTS_FILES = ("model.json", "model.safetensors")
 MANIFEST = "manifest.json"
+CLASSES = "classes.json"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 
 
@@ -61,7 +63,8 @@ def _write_manifest(directory: Path, files: Sequence[str], **extra: Any) -> None
 def save_checkpoint(run_dir: str | Path, step: int, *, model_state: dict[str, torch.Tensor],
                     ema_state: dict[str, torch.Tensor], model_json: dict[str, Any],
                     optimizer_state: dict[str, Any], config: dict[str, Any],
-                    train_state: dict[str, Any], keep: int = 0, protect: Sequence[Path] = ()) -> Path:
+                    train_state: dict[str, Any], keep: int = 0, protect: Sequence[Path] = (),
+                    class_names: Sequence[str] | None = None) -> Path:
     """Write the checkpoint of ``step`` atomically, then prune all but the newest ``keep`` (0: keep all)
     and the checkpoints in ``protect`` (the trainer protects the newest one known to be healthy).
 
@@ -80,10 +83,14 @@ def save_checkpoint(run_dir: str | Path, step: int, *, model_state: dict[str, to
     (tmp / "model.json").write_text(json.dumps(model_json, indent=2))
     (tmp / "config.json").write_text(json.dumps(config, indent=2))
     torch.save({"optimizer": optimizer_state, **train_state}, tmp / "train_state.pt")
-    for name in CHECKPOINT_FILES:
+    files = list(CHECKPOINT_FILES)
+    if class_names is not None:
+        (tmp / CLASSES).write_text(json.dumps({"names": list(class_names)}, indent=1))
+        files.append(CLASSES)
+    for name in files:
         with open(tmp / name, "rb") as f:
             os.fsync(f.fileno())
-    _write_manifest(tmp, CHECKPOINT_FILES, step=step)  # last: its presence means every file is complete
+    _write_manifest(tmp, files, step=step)  # last: its presence means every file is complete
     fsync_dir(tmp)
 
     if final.exists():  # re-saving a step (e.g. the end of a resumed run that was already complete)
@@ -257,6 +264,17 @@ def read_model_json(directory: str | Path) -> dict[str, Any]:
 def read_run_config(checkpoint: str | Path) -> dict[str, Any]:
     """The run config a checkpoint was trained with (``ldmkit.config.to_dict`` layout)."""
     return _read_json(Path(checkpoint) / "config.json")
+
+
+def read_class_names(checkpoint: str | Path) -> list[str] | None:
+    """The class names a checkpoint stores (None when it stores none: text models, older checkpoints)."""
+    path = Path(checkpoint) / CLASSES
+    if not path.is_file():
+        return None
+    names = _read_json(path).get("names")
+    if not isinstance(names, list):
+        raise CheckpointError(f"{str(path)!r} holds no list of class names")
+    return [str(n) for n in names]
 
 
 @dataclass

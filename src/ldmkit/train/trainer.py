@@ -166,6 +166,15 @@ class Trainer:
     # The run directory and checkpoints
     # ----------------------------------------------------------------------------------------------
 
+    def _class_names(self) -> Optional[list[str]]:
+        """Class models: the names of the classes in id order (stored with every checkpoint)."""
+        if self.text is not None:
+            return None
+        names = getattr(self.dataset, "class_names", None)
+        if names is None and self.cfg.data.name == "shapes":  # a latent cache of the procedural set
+            names = self.evaluator.shapes_dataset().class_names
+        return None if names is None else list(names)
+
     def _checkpoint_dir(self, step: int) -> Path:
         return self.run_dir / "checkpoints" / f"step_{step:07d}"
 
@@ -211,7 +220,7 @@ class Trainer:
                 self.run_dir, self.step, model_state=model_state, ema_state=ema_state,
                 model_json=self.model_json, optimizer_state=optimizer_state, config=to_dict(self.cfg),
                 train_state=state, keep=self.cfg.train.keep_checkpoints,
-                protect=[] if good is None else [self._checkpoint_dir(good)],
+                protect=[] if good is None else [self._checkpoint_dir(good)], class_names=self._class_names(),
             )
         self.state.checkpoint_written()
         D.barrier(self.dist)
