@@ -108,3 +108,28 @@ def test_model_options_may_not_shadow_model_keys_or_data():
         load_config(None, ["model.options={num_classes: 3}"])
     assert load_config(None, ["model.name=mmdit-tiny/2", "model.options={class_tokens: 2}"]).model.options == {
         "class_tokens": 2}
+
+
+def test_control_options_are_a_typed_section_and_old_configs_are_read_into_it(tmp_path):
+    from ldmkit.train.trainer import Trainer
+
+    cfg = load_config(None, ["cond.control.gate=constant", "cond.control.alpha=2", "cond.control.high=[flip]"])
+    assert cfg.cond.control.model_options() == {"control_high": ["flip"], "control_gate": "constant",
+                                                "control_alpha": 2.0}
+    old = load_config(None, ["model.options.control_gate=constant"])  # the layout before cond.control
+    assert old.cond.control.gate == "constant" and "control_gate" not in old.model.options
+    saved = to_dict(load_config(None))
+    saved["model"]["options"] = {"control_low": ["orig_size"]}
+    del saved["cond"]["control"]
+    assert from_dict(saved).cond.control.low == ["orig_size"]
+    with pytest.raises(ConfigError, match="cond.control.gate.*contradicts model.options.control_gate"):
+        load_config(None, ["cond.control.gate=cosine", "model.options.control_gate=none"])
+    with pytest.raises(ConfigError, match="cond.control.high.*'size' is not a control field"):
+        load_config(None, ["cond.control.high=[size]"])
+    # the typed keys reach the model
+    trainer = Trainer(load_config(None, [
+        "data.image_size=16", "model.name=dit-tiny/4", "train.steps=1", "train.batch_size=4",
+        "cond.control.high=[crop,flip]", "cond.control.low=[orig_size]", "cond.control.gate=constant",
+        f"run.dir={tmp_path / 'run'}"]), progress=False)
+    kw = trainer.model.init_kwargs
+    assert (kw["control_high"], kw["control_low"], kw["control_gate"]) == (["crop", "flip"], ["orig_size"], "constant")

@@ -7,8 +7,8 @@ the variants (each a list of ``key=value`` overrides) and the evaluations to run
     base: ../shapes/mmdit-improved.yaml           # relative to this file
     overrides: [train.steps=1000]
     variants:
-      constant: [model.options.control_gate=constant]
-      cosine: [model.options.control_gate=cosine]
+      constant: [cond.control.gate=constant]
+      cosine: [cond.control.gate=cosine]
     evaluate: [shapes, disentangle]               # shapes: class or caption following; disentangle: §3
 
 ``ldmkit ablate FILE`` writes ``runs/ablation-<name>-<time>/`` with one run directory per variant and

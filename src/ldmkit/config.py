@@ -171,11 +171,30 @@ class TextConfig:
 
 
 @dataclass
+class ControlConfig:
+    """Control metadata through the adaLN path (docs/method.md §3): ``c(t) = E_t(t) + E_high + γ(t) · E_low``.
+
+    A key left at None keeps the architecture's default: the improved mmDiT conditions on crop, flip and
+    aspect (high group) and on the cosine-gated original size (low group); the published architectures on
+    nothing. ``high: []`` and ``low: []`` switch the path off."""
+
+    high: Optional[list[str]] = None  # fields added at every t (orig_size, crop, flip, aspect)
+    low: Optional[list[str]] = None  # fields scaled by the time gate γ(t)
+    gate: Optional[Literal["none", "constant", "cosine"]] = None  # γ: 0, 1, or ((1 + cos πt) / 2) ** alpha
+    alpha: Optional[float] = None  # the cosine gate's exponent (> 0; larger: later)
+
+    def model_options(self) -> dict[str, Any]:
+        """The set keys as model constructor arguments (``control_high``, ...)."""
+        return {f"control_{k}": v for k, v in dataclasses.asdict(self).items() if v is not None}
+
+
+@dataclass
 class ConditioningConfig:
     semantic: Literal["class", "text"] = "class"  # text: captions through cond.text (num_classes = 0)
     p_drop_semantic: float = 0.1  # class -> null class / caption -> "" (classifier-free guidance)
     p_drop_control: float = 0.1  # control metadata -> the learned null, independently (two-scale guidance)
     text: TextConfig = field(default_factory=TextConfig)
+    control: ControlConfig = field(default_factory=ControlConfig)
 
 
 @dataclass
@@ -504,6 +523,16 @@ def validate(cfg: Config) -> None:
          "the per-channel statistics come from a latent cache: set data.cache (see `ldmkit encode`)")
     need(0 <= cfg.cond.p_drop_semantic < 1, "cond.p_drop_semantic", "must lie in [0, 1)")
     need(0 <= cfg.cond.p_drop_control < 1, "cond.p_drop_control", "must lie in [0, 1)")
+    ctl = cfg.cond.control
+    from ldmkit.conditioning import CONTROL_FIELDS  # late: it imports torch
+
+    for key in ("high", "low"):
+        for name in getattr(ctl, key) or ():
+            need(name in CONTROL_FIELDS, f"cond.control.{key}", f"{name!r} is not a control field; expected some "
+                 f"of {', '.join(CONTROL_FIELDS)}")
+    both = set(ctl.high or ()) & set(ctl.low or ())
+    need(not both, "cond.control.low", f"{sorted(both)} are in both groups (cond.control.high and .low)")
+    need(ctl.alpha is None or ctl.alpha > 0, "cond.control.alpha", f"must be > 0, got {ctl.alpha}")
     tx = cfg.cond.text
     need(tx.length >= 1, "cond.text.length", f"must be >= 1, got {tx.length}")
     need(tx.noise_sigma >= 0, "cond.text.noise_sigma", f"must be >= 0, got {tx.noise_sigma}")
@@ -590,6 +619,22 @@ class _StrictLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
+def _move_control_options(cfg: Config) -> None:
+    """``model.options.control_*`` (how control options were given before ``cond.control``) become the
+    typed keys; the same option in both places must agree."""
+    for key in ("high", "low", "gate", "alpha"):
+        option = f"control_{key}"
+        if option not in cfg.model.options:
+            continue
+        value = _coerce(f"model.options.{option}", cfg.model.options.pop(option),
+                        typing.get_type_hints(ControlConfig)[key])
+        current = getattr(cfg.cond.control, key)
+        if current is not None and current != value:
+            raise ConfigError(f"config key 'cond.control.{key}': {current!r} contradicts model.options.{option}="
+                              f"{value!r}; set it once, as cond.control.{key}")
+        setattr(cfg.cond.control, key, value)
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Defaults <- YAML recipe <- ``key=value`` overrides, validated."""
     cfg = Config()
@@ -613,6 +658,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     for text in overrides:
         key, value = parse_override(text)
         set_key(cfg, key, value)
+    _move_control_options(cfg)
     validate(cfg)
     return cfg
 
@@ -642,6 +688,7 @@ def from_dict(data: dict[str, Any]) -> Config:
         data["model"] = model
         data.setdefault("init", {"from": source, "min_fraction": 1.0})
     _apply_mapping(cfg, data, "")
+    _move_control_options(cfg)
     validate(cfg)
     return cfg
 

@@ -156,7 +156,8 @@ def make_buckets(cfg: Config, dataset, autoencoder) -> list[tuple[int, int]]:
                                     num_classes=0 if text else max(dataset.num_classes, 1),
                                     context_dim=8 if text else 0, depth=m.depth, hidden_size=m.hidden_size,
                                     num_heads=m.num_heads, patch_size=m.patch_size, mlp_ratio=m.mlp_ratio,
-                                    learn_sigma=m.learn_sigma, qk_norm=m.qk_norm, **m.options)
+                                    learn_sigma=m.learn_sigma, qk_norm=m.qk_norm, **m.options,
+                                    **cfg.cond.control.model_options())
                 cond = (Conditioning(text=torch.empty((1, 4, 8))) if text
                         else Conditioning(class_ids=torch.zeros(1, dtype=torch.long)))
                 model(torch.empty((1, autoencoder.channels, h // ds, w // ds)), torch.empty(1), cond)
@@ -202,7 +203,7 @@ def build_run_model(cfg: Config, latent_shape: tuple[int, int, int], num_classes
     ``init_source`` when given (and a report of what was loaded)."""
     m = cfg.model
     channels, size, _ = latent_shape
-    options = dict(m.options)
+    options = {**m.options, **cfg.cond.control.model_options()}
     if init_source is not None:
         options = transfer_options(init_source, m.name, options, cfg.init.pe)
     patch = m.patch_size or PRESETS[m.name.lower()].get("patch_size")

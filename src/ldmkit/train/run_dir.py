@@ -22,7 +22,7 @@ from typing import Any
 
 import yaml
 
-from ldmkit.config import Config, ConfigError, to_dict
+from ldmkit.config import Config, ConfigError, from_dict, to_dict
 from ldmkit.errors import CheckpointError, RunDirError
 from ldmkit.train.checkpoint import newest_intact_checkpoint, resolve_checkpoint
 
@@ -103,7 +103,7 @@ def plan_run(cfg: Config, resume: str | None) -> RunPlan:
             raise RunDirError(f"cannot resume: {str(run_dir)!r} holds neither a checkpoint nor a run's "
                               "config.yaml")
         saved = _read_saved_config(config_file)
-    check_resume_config(cfg, saved)
+    check_resume_config(cfg, _canonical(saved))
     return RunPlan(run_dir, resuming=True, resume_from=ckpt, skipped=skipped)
 
 
@@ -115,6 +115,14 @@ def _read_saved_config(path: Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise CheckpointError(f"cannot resume: {str(path)!r} does not hold a run config")
     return data
+
+
+def _canonical(saved: dict[str, Any]) -> dict[str, Any]:
+    """A saved config as this version writes it (older layouts migrated), so that only real changes count."""
+    try:
+        return to_dict(from_dict(saved))
+    except ConfigError:  # a config this version cannot read: compare it as it is
+        return saved
 
 
 def check_resume_config(cfg: Config, saved: dict[str, Any]) -> None:
