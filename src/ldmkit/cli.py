@@ -442,6 +442,7 @@ def cmd_eval_stats(args: argparse.Namespace) -> int:
 
     from ldmkit.eval import dinov2 as dino
     from ldmkit.eval.fid import NpzImageBatches, stats_from_features, stats_from_folder
+    from ldmkit.files import atomic_write
     from ldmkit.eval.inception import InceptionFeatures
     from ldmkit.eval.protocol import Featurizer
     from ldmkit.train.build import pick_device
@@ -499,10 +500,7 @@ def cmd_eval_stats(args: argparse.Namespace) -> int:
         dstats = stats_from_features(side["dinov2"])
         extra["mu_dinov2"], extra["sigma_dinov2"] = dstats.mu, dstats.sigma
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    with open(tmp, "wb") as f:
-        np.savez(f, mu=stats.mu, sigma=stats.sigma, n=np.int64(stats.n or 0), **extra)
-    tmp.replace(out)
+    atomic_write(out, lambda f: np.savez(f, mu=stats.mu, sigma=stats.sigma, n=np.int64(stats.n or 0), **extra))
     kept = ["features"] if "features" in extra else []
     kept += ["images"] if "arr_0" in extra else []
     print(f"Wrote {out}: mu, sigma (FID), mu_s, sigma_s (sFID)" + (", mu_dinov2, sigma_dinov2 (FD-DINOv2)"

@@ -14,7 +14,6 @@ report) is written last, by rank 0, once every shard exists.
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 from typing import Any, Iterator
@@ -30,6 +29,7 @@ from ldmkit.data.latents import (
     shard_channel_sums, shard_name, write_index,
 )
 from ldmkit.errors import DataError
+from ldmkit.files import atomic_path
 
 MANIFEST = "encode.json"  # what is being encoded; a second job into the same directory must match it
 _DTYPES = {"float16": torch.float16, "float32": torch.float32}
@@ -191,9 +191,8 @@ def _encode_unit(samples: Iterator[dict[str, Any]], autoencoder, text_encoder, t
 
 
 def _save_shard(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -325,12 +324,3 @@ def encode_dataset(cfg: Config, out: str | Path | None = None, batch_size: int =
                   f"{r['converted']} converted (data_report.json)")
     D.barrier(dist)
     return out
-
-
-def channel_stats_from_cache(directory: str | Path) -> tuple[list[float], list[float]]:
-    """The per-channel mean/std a cache's index records (for ``autoencoder.channel_norm``)."""
-    from ldmkit.data.latents import read_index
-
-    index = read_index(directory)
-    return list(map(float, index["channel_mean"])), list(map(float, index["channel_std"]))
-

@@ -11,12 +11,13 @@ config) is said to be unknown rather than guessed.
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
 from torch import nn
+
+from ldmkit.files import atomic_write_text
 
 # Metrics in the order a card lists them, with their display names.
 METRIC_NAMES = {
@@ -226,11 +227,7 @@ def eval_card(model: nn.Module, *, checkpoint: str, metrics: Mapping[str, Any], 
 
 def write_card(path: str | Path, text: str) -> Path:
     """Write a card atomically (a reader never sees half a file)."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-    return path
+    return atomic_write_text(path, text)
 
 
 __all__ = ["METRIC_NAMES", "count_parameters", "eval_card", "export_card", "training_record", "write_card"]

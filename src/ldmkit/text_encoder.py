@@ -29,6 +29,8 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
+from ldmkit.files import atomic_path
+
 MINILM = "minilm"  # name of the offline default encoder
 _T5_TYPES = ("t5", "mt5", "umt5")
 _CLIP_TYPES = ("clip", "clip_text_model")
@@ -151,10 +153,9 @@ class TextEncoder:
         tensors = {}
         for i, p in enumerate(prompts):
             tensors[f"tokens.{i}"], tensors[f"pooled.{i}"] = (t.contiguous() for t in self._cache[p])
-        tmp = path.with_name(path.name + ".tmp")
-        save_file(tensors, str(tmp), metadata={"encoder": self.name, "max_length": str(self.max_length),
-                                               "prompts": json.dumps(prompts)})
-        tmp.replace(path)
+        with atomic_path(path) as tmp:
+            save_file(tensors, str(tmp), metadata={"encoder": self.name, "max_length": str(self.max_length),
+                                                   "prompts": json.dumps(prompts)})
         return path
 
     def load_cache(self, path: str | Path) -> int:

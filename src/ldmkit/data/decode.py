@@ -21,6 +21,8 @@ from typing import Iterable, Union
 
 from PIL import Image, ImageOps
 
+from ldmkit.files import atomic_write_text
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm")
 Issue = tuple[str, str, str]  # (source: file or shard/key, kind, detail)
 MAX_LISTED = 1000  # files listed per kind in a report (all are counted)
@@ -120,7 +122,4 @@ class DataReport:
 
     def save(self, path: Union[str, Path]) -> None:
         """Write the report as JSON atomically (tmp + rename)."""
-        path = Path(path)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(self.to_dict(), indent=1))
-        os.replace(tmp, path)
+        atomic_write_text(path, json.dumps(self.to_dict(), indent=1))

@@ -26,7 +26,6 @@ memory maps of the safetensors data (no copy, no unpickling), so a cache larger 
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -35,6 +34,7 @@ import numpy as np
 import torch
 
 from ldmkit.errors import DataError
+from ldmkit.files import atomic_write_text
 
 FORMAT = "ldmkit-latents"
 VERSION = 1
@@ -298,8 +298,4 @@ def check_cache(index: dict[str, Any], *, data: dict[str, Any], autoencoder: dic
 
 def write_index(directory: str | Path, index: dict[str, Any]) -> Path:
     """Write ``index.json`` atomically (a cache without it is unfinished)."""
-    path = Path(directory) / INDEX
-    tmp = path.with_name(INDEX + ".tmp")
-    tmp.write_text(json.dumps(index, indent=1))
-    os.replace(tmp, path)
-    return path
+    return atomic_write_text(Path(directory) / INDEX, json.dumps(index, indent=1))

@@ -25,7 +25,6 @@ is reported per set with its minimum, mean and standard deviation (``aggregate_s
 
 from __future__ import annotations
 
-import json
 import os
 import time
 import zipfile
@@ -40,6 +39,7 @@ from tqdm.auto import tqdm
 
 from ldmkit.eval.fid import (STAT_KEYS, FeatureStats, NpzImageBatches, inception_score, precision_recall,
                              stats_from_features)
+from ldmkit.files import atomic_write, atomic_write_json
 
 
 @dataclass
@@ -83,12 +83,7 @@ def balanced_labels(num_samples: int, num_classes: int) -> torch.Tensor:
 
 
 def _atomic_savez(path: Path, **arrays: np.ndarray) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        np.savez(f, **arrays)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    atomic_write(path, lambda f: np.savez(f, **arrays))
 
 
 def _decoded_uint8(x: torch.Tensor, decode: Callable[[torch.Tensor], torch.Tensor], batch_size: int,
@@ -407,10 +402,7 @@ def write_result(out_dir: Path, metrics: dict[str, Any], protocol: Protocol, che
     out = out_dir / "metrics.json"
     data = {"metrics": metrics, "protocol": asdict(protocol), "checkpoint": checkpoint,
             "time": time.strftime("%Y-%m-%d %H:%M:%S")}
-    tmp = out.with_name(".metrics.json.tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    os.replace(tmp, out)
-    return out
+    return atomic_write_json(out, data)
 
 
 def fid_of_model(model: nn.Module, reference: FeatureStats, inception: Any, num_samples: int, *,
