@@ -266,7 +266,12 @@ def test_torchrun_two_ranks_score_like_one_process(run, inception_file, weights_
     np.savez(ref, mu=feats.mean(0), sigma=np.cov(feats, rowvar=False), features=feats.astype(np.float32))
     common = ["eval", "fid", "--checkpoint", str(run), "--num-samples", "4", "--ref", str(ref), "--chunk", "1",
               "--steps", "2", "--device", "cpu"]
-    assert main([*common, "--out", str(tmp_path / "one")]) == 0
+    threads = torch.get_num_threads()  # one thread, like each rank below: the same float arithmetic
+    torch.set_num_threads(1)
+    try:
+        assert main([*common, "--out", str(tmp_path / "one")]) == 0
+    finally:
+        torch.set_num_threads(threads)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "ldmkit.cli",
            *common, "--out", str(tmp_path / "two")]
