@@ -191,6 +191,16 @@ def training_batches(dataset, cfg: Config, dist: D.Dist, micro_batch: int, posit
     return iter(DataLoader(StreamDataset(dataset), batch_size=micro_batch, sampler=sampler, **common))
 
 
+def class_names_of(cfg: Config, dataset, text) -> Optional[list[str]]:
+    """Class models: the names of the classes in id order (stored with every checkpoint), or None."""
+    if text is not None:
+        return None
+    names = getattr(dataset, "class_names", None)
+    if names is None and cfg.data.name == "shapes":  # a latent cache of the procedural set
+        names = build_dataset(cfg.data, seed=cfg.seed).class_names
+    return None if names is None else list(names)
+
+
 # --------------------------------------------------------------------------------------------------
 # Model, wrapping, optimizer, objective
 # --------------------------------------------------------------------------------------------------
@@ -265,6 +275,19 @@ def wrap_for_training(model: nn.Module, cfg: Config, dist: D.Dist, fresh_model: 
                                   **_optimizer_flags(t.optimizer_impl, dist.device, sharding))
     scaler = torch.amp.GradScaler(dist.device.type) if t.precision == "fp16" else None
     return Wrapped(train_model, ema, params, optimizer, scaler)
+
+
+def training_flops_per_image(model_json: dict[str, Any], text) -> Optional[float]:
+    """Training FLOPs per image (3 x forward) from the architecture's closed form (``models/cost.py``), with
+    every control field present and the text conditioner's token count; None if it cannot be counted."""
+    from ldmkit.conditioning import CONTROL_FIELDS
+    from ldmkit.models.cost import model_cost
+
+    try:
+        tokens = text.length if text is not None else 0
+        return 3.0 * model_cost(model_json, text_tokens=tokens, control_fields=CONTROL_FIELDS).flops
+    except Exception:  # FLOP counting is telemetry: never let it stop a run
+        return None
 
 
 def build_objective(cfg: Config, model: nn.Module, scale: float = 1.0):

@@ -19,7 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ldmkit.autoencoders import build_autoencoder
-from ldmkit.conditioning import CONTROL_FIELDS, Conditioner
+from ldmkit.conditioning import Conditioner
 from ldmkit.config import Config, dump_yaml, to_dict
 from ldmkit.data.batch import Batch
 from ldmkit.data.decode import DataReport
@@ -27,12 +27,12 @@ from ldmkit.errors import RunDirError, TrainingDiverged
 from ldmkit.eval.hooks import RunEvaluator
 from ldmkit.files import atomic_write_json, atomic_write_text
 from ldmkit.models import model_from_config
-from ldmkit.models.cost import model_cost
 from ldmkit.text import build_text_conditioner
 from ldmkit.train import distributed as D
 from ldmkit.train.build import (build_objective, build_run_model, build_training_data, check_inputs,
-                                check_semantic_source, make_buckets, micro_batch, open_init_source, pick_device,
-                                resolve_config, training_batches, wrap_for_training)
+                                check_semantic_source, class_names_of, make_buckets, micro_batch, open_init_source,
+                                pick_device, resolve_config, training_batches, training_flops_per_image,
+                                wrap_for_training)
 from ldmkit.train.checkpoint import (model_config, read_checkpoint,
                                      save_checkpoint)
 from ldmkit.train.guard import DivergenceGuard, diverged_error, set_aside_checkpoints_after
@@ -103,6 +103,7 @@ class Trainer:
         self.model, init_report = build_run_model(cfg, self.latent_shape, self.dataset.num_classes, self.text,
                                                   init_source, self.device)
         self.model_json = model_config(self.model)
+        self.class_names = class_names_of(cfg, self.dataset, self.text)  # stored with every checkpoint
         self.n_params = sum(p.numel() for p in self.model.parameters())
         self.w = wrap_for_training(self.model, cfg, self.dist, self._fresh_model)
         objective = build_objective(cfg, self.model, float(cfg.diffusion.resolution_scale))
@@ -166,15 +167,6 @@ class Trainer:
     # The run directory and checkpoints
     # ----------------------------------------------------------------------------------------------
 
-    def _class_names(self) -> Optional[list[str]]:
-        """Class models: the names of the classes in id order (stored with every checkpoint)."""
-        if self.text is not None:
-            return None
-        names = getattr(self.dataset, "class_names", None)
-        if names is None and self.cfg.data.name == "shapes":  # a latent cache of the procedural set
-            names = self.evaluator.shapes_dataset().class_names
-        return None if names is None else list(names)
-
     def _checkpoint_dir(self, step: int) -> Path:
         return self.run_dir / "checkpoints" / f"step_{step:07d}"
 
@@ -220,7 +212,7 @@ class Trainer:
                 self.run_dir, self.step, model_state=model_state, ema_state=ema_state,
                 model_json=self.model_json, optimizer_state=optimizer_state, config=to_dict(self.cfg),
                 train_state=state, keep=self.cfg.train.keep_checkpoints,
-                protect=[] if good is None else [self._checkpoint_dir(good)], class_names=self._class_names(),
+                protect=[] if good is None else [self._checkpoint_dir(good)], class_names=self.class_names,
             )
         self.state.checkpoint_written()
         D.barrier(self.dist)
@@ -248,14 +240,6 @@ class Trainer:
     def _on_signal(self, signum, frame) -> None:
         self._stop_signal = signum  # acted on at the end of the current step, on every rank
 
-    def _flops_per_image(self) -> Optional[float]:
-        """Training FLOPs per image (3 x forward) from the architecture's closed form (``models/cost.py``)."""
-        try:
-            tokens = self.text.length if self.text is not None else 0
-            return 3.0 * model_cost(self.model_json, text_tokens=tokens, control_fields=CONTROL_FIELDS).flops
-        except Exception:  # FLOP counting is telemetry: never let it stop a run
-            return None
-
     def fit(self) -> TrainResult:
         cfg, t = self.cfg, self.cfg.train
         if self.main:
@@ -280,32 +264,16 @@ class Trainer:
             except ValueError:  # not the main thread: leave signals to the host program
                 pass
         window = StepWindow(self.dist, t.batch_size, getattr(self.model, "num_tokens", None),
-                            self._flops_per_image(), t.peak_tflops or peak_tflops(self.device, t.precision, t.tf32))
+                            training_flops_per_image(self.model_json, self.text), t.peak_tflops or peak_tflops(self.device, t.precision, t.tf32))
         bar = tqdm(total=t.steps, initial=self.step, desc="train", unit="step", disable=not self.progress,
                    dynamic_ncols=True)
         start_time = time.time()
         stopped_by = None
         try:
             while self.step < t.steps:
-                t0 = time.perf_counter()
-                out = self.stepper(batches, self.state, self._stop_signal is not None)
-                if self.device.type == "cuda":
-                    torch.cuda.synchronize()
-                window.add(out, step_s=time.perf_counter() - t0)
-                bar.update(1)
-                if self.step % t.log_every == 0 or self.step == t.steps or out["stop"] or out["diverged"]:
-                    record = window.flush(self.step, time.time() - start_time, self.skipped_steps)
-                    if self.data_report.counts:
-                        record.update(data_skipped=self.data_report.skipped, data_converted=self.data_report.converted)
-                    if self.main:
-                        self.telemetry.write(record)
-                        bar.set_postfix(loss=f"{record['loss']:.4f}", img_s=f"{record['images_per_s']:.0f}")
-                if out["diverged"]:
-                    raise self._diverged(out["diverged"])
-                if out["stop"]:
+                if self.run_step(batches, window, bar, start_time)["stop"]:
                     stopped_by = "signal"
                     break
-                self._periodic(bar)
         except KeyboardInterrupt:
             bar.close()
             path = self.save()
@@ -338,6 +306,29 @@ class Trainer:
             self._report(elapsed, last_ckpt, grid, curves, result)
         self._close()
         return TrainResult(self.run_dir, last_ckpt, self.step, grid, result)
+
+    def run_step(self, batches: Iterator[Batch], window: StepWindow, bar, start_time: float) -> dict[str, Any]:
+        """One iteration of the loop: the step, its log record when one is due, and the checkpoints,
+        grids and evaluations that fall on it. Raises ``TrainingDiverged``."""
+        t = self.cfg.train
+        t0 = time.perf_counter()
+        out = self.stepper(batches, self.state, self._stop_signal is not None)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        window.add(out, step_s=time.perf_counter() - t0)
+        bar.update(1)
+        if self.step % t.log_every == 0 or self.step == t.steps or out["stop"] or out["diverged"]:
+            record = window.flush(self.step, time.time() - start_time, self.skipped_steps)
+            if self.data_report.counts:
+                record.update(data_skipped=self.data_report.skipped, data_converted=self.data_report.converted)
+            if self.main:
+                self.telemetry.write(record)
+                bar.set_postfix(loss=f"{record['loss']:.4f}", img_s=f"{record['images_per_s']:.0f}")
+        if out["diverged"]:
+            raise self._diverged(out["diverged"])
+        if not out["stop"]:
+            self._periodic(bar)
+        return out
 
     def _periodic(self, bar) -> None:
         """Checkpoints, sample grids and evaluations that fall on this step (not on the last one)."""
