@@ -559,31 +559,32 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    from ldmkit.models import convert
-    from ldmkit.train.checkpoint import is_checkpoint, is_weights_dir, load_model, resolve_checkpoint, save_weights
+    from ldmkit.train.checkpoint import save_weights
 
     out = Path(args.out)
     if out.exists() and any(out.iterdir()):
         raise ConfigError(f"output directory {str(out)!r} exists and is not empty")
     if args.direction != "from-official-dit" and (args.num_heads is not None or args.num_classes is not None):
         raise ConfigError("--num-heads and --num-classes apply to from-official-dit only")
+    if args.pipeline and args.direction != "to-diffusers":
+        raise ConfigError("--pipeline applies to to-diffusers only")
     try:
         if args.direction == "to-diffusers":
-            from ldmkit.model_card import export_card, write_card
+            from ldmkit.export import export_to_diffusers
 
-            source = Path(args.source)
-            model, config = load_model(source, ema=not args.no_ema)
-            weights_only = is_weights_dir(source) and not is_checkpoint(source)
-            ckpt = None if weights_only else resolve_checkpoint(source)
-            dm, extra = convert.save_diffusers(model, out)
-            card = write_card(out / "README.md", export_card(
-                model, source=str(args.source), diffusers_class=type(dm).__name__, ema=not args.no_ema,
-                config=config, checkpoint=ckpt, extra_files=tuple(extra)))
-            print(f"Wrote diffusers {type(dm).__name__} ({'raw' if args.no_ema else 'EMA'} weights of "
-                  f"{args.source}) to {out}" + (f", with its class table in {', '.join(extra)}" if extra else "")
-                  + f"; model card {card.name}")
+            result = export_to_diffusers(args.source, out, pipeline=args.pipeline, ema=not args.no_ema)
+            extra = result.extra_files
+            print(f"Wrote diffusers {result.diffusers_class} ({'raw' if args.no_ema else 'EMA'} weights of "
+                  f"{args.source}) to {out}"
+                  + (f", with its class table in {', '.join(extra)}" if any(f.endswith(".safetensors") for f in extra)
+                     else f", with {', '.join(extra)}" if extra else "")
+                  + (f"; scheduler {result.scheduler}" if result.scheduler else "") + "; model card README.md")
+            for note in result.notes:
+                print(f"note: {note}")
         elif args.direction == "from-diffusers":
-            model = convert.load_diffusers_as_ldmkit(args.source, args.subfolder)
+            from ldmkit.export import load_as_ldmkit
+
+            model = load_as_ldmkit(args.source, args.subfolder)
             save_weights(model, out)
             print(f"Wrote ldmkit {model.arch} weights to {out} (model.json + model.safetensors)")
         else:  # from-official-dit
@@ -785,6 +786,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out", help="output directory (must not exist or be empty)")
     p.add_argument("--subfolder", help="from-diffusers: subfolder of a pipeline (e.g. transformer, unet)")
     p.add_argument("--no-ema", action="store_true", help="to-diffusers: the raw weights, not the EMA")
+    p.add_argument("--pipeline", action="store_true",
+                   help="to-diffusers: a whole pipeline folder (denoiser, VAE, scheduler, text encoder, class names) "
+                        "that DiTPipeline / PixArtAlphaPipeline or ldmkit.diffusers_pipeline.LdmkitPipeline load")
     p.add_argument("--num-heads", type=POSITIVE_INT,
                    help="from-official-dit: attention heads (needed for widths other than DiT's S/B/L/XL)")
     p.add_argument("--num-classes", type=POSITIVE_INT,

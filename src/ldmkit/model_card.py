@@ -141,28 +141,57 @@ def _model_and_training(model: nn.Module, config: Optional[Mapping[str, Any]],
 
 def export_card(model: nn.Module, *, source: str, diffusers_class: str, ema: bool,
                 config: Optional[Mapping[str, Any]] = None, checkpoint: Optional[Path] = None,
-                extra_files: tuple[str, ...] = ()) -> str:
-    """The card of a diffusers export of ``model``."""
+                extra_files: tuple[str, ...] = (), notes: tuple[str, ...] = (), pipeline: bool = False,
+                scheduler: Optional[str] = None) -> str:
+    """The card of a diffusers export of ``model``: a denoiser (``pipeline=False``) or a pipeline folder
+    loaded by ``diffusers_class`` (``DiTPipeline``, ``PixArtAlphaPipeline`` or ldmkit's ``LdmkitPipeline``)."""
     lines = [
         f"# {model.arch} as diffusers `{diffusers_class}`",
         "",
-        f"Exported by `ldmkit convert to-diffusers` from `{source}` ({'EMA' if ema else 'raw'} weights) on "
-        f"{time.strftime('%Y-%m-%d')}.",
+        f"Exported by `ldmkit convert to-diffusers{' --pipeline' if pipeline else ''}` from `{source}` "
+        f"({'EMA' if ema else 'raw'} weights) on {time.strftime('%Y-%m-%d')}.",
         "",
         *_model_and_training(model, config, checkpoint),
-        "## Calling it with diffusers",
-        "",
-        "- `timestep = 1000 * t`, where ldmkit's t in [0, 1] is the noise level (t = 1: pure noise).",
-        "- The output is the model's prediction as trained: the velocity for flow-matching runs; "
-        "DDPM runs predict as the objective above says (learned variance: the second half of the channels).",
     ]
-    if extra_files:
-        lines.append(
-            f"- `{extra_files[0]}` holds the class table (null class in the last row): feed "
-            "`encoder_hidden_states = table[class_ids][:, None]`, followed by the text tokens when the model "
-            "takes text; `ldmkit convert from-diffusers` of this folder restores the class-conditional model."
-        )
+    if pipeline:
+        lines += _pipeline_lines(model, diffusers_class, scheduler, config)
+    else:
+        lines += [
+            "## Calling it with diffusers",
+            "",
+            "- `timestep = 1000 * t`, where ldmkit's t in [0, 1] is the noise level (t = 1: pure noise).",
+            "- The output is the model's prediction as trained: the velocity for flow-matching runs; "
+            "DDPM runs predict as the objective above says (learned variance: the second half of the channels).",
+        ]
+        if extra_files:
+            lines.append(
+                f"- `{extra_files[0]}` holds the class table (null class in the last row): feed "
+                "`encoder_hidden_states = table[class_ids][:, None]`, followed by the text tokens when the model "
+                "takes text; `ldmkit convert from-diffusers` of this folder restores the class-conditional model."
+            )
+    lines += [f"- {note}" for note in notes]
     return "\n".join(lines) + "\n"
+
+
+def _pipeline_lines(model: nn.Module, diffusers_class: str, scheduler: Optional[str],
+                    config: Optional[Mapping[str, Any]]) -> list[str]:
+    kw = getattr(model, "init_kwargs", {})
+    length = ((config or {}).get("cond") or {}).get("text", {}).get("length")
+    text = kw.get("context_dim", 0) > 0
+    if diffusers_class == "LdmkitPipeline":
+        call = 'pipe(prompt=["a red circle"], generator=torch.Generator().manual_seed(0))' if text else \
+            "pipe(class_labels=[0, 1], generator=torch.Generator().manual_seed(0))"
+        load = ["from ldmkit.diffusers_pipeline import LdmkitPipeline  # registers the conditioner with diffusers",
+                'pipe = LdmkitPipeline.from_pretrained("path/to/this/folder")']
+        how = ("- Sampling settings (steps, guidance, control metadata) default to the run's; the noise of "
+               "`generator` is the noise of `ldmkit sample --seed` for the same seed.")
+    else:
+        call = (f'pipe(prompt="a red circle", max_sequence_length={length}, clean_caption=False)' if text else
+                'pipe(class_labels=pipe.get_label_ids(["a class name"]))')
+        load = ["import diffusers", f'pipe = diffusers.{diffusers_class}.from_pretrained("path/to/this/folder")']
+        how = f"- A diffusers pipeline: `diffusers.{diffusers_class}` loads and samples it without ldmkit."
+    return ["## Sampling with diffusers", "", "```python", "import torch", *load, f"images = {call}.images",
+            "```", "", how, f"- Scheduler: `{scheduler}` (the run's objective)."]
 
 
 def _format(value: Any) -> str:

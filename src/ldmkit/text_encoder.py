@@ -105,6 +105,29 @@ class TextEncoder:
         self.pooled_width = self.width
         self._cache: dict[str, tuple[Tensor, Tensor]] = {}
 
+    @classmethod
+    def from_modules(cls, model, tokenizer, *, kind: str, normalize: bool, max_length: int,
+                     name: str = "loaded") -> "TextEncoder":
+        """A ``TextEncoder`` around an already loaded encoder and tokenizer (e.g. the ``text_encoder`` and
+        ``tokenizer`` of a diffusers pipeline), encoding exactly as one loaded by name would.
+
+        ``kind`` is the pooling (``t5``, ``clip`` or ``mean``) and ``normalize`` whether a ``mean`` pooled vector is
+        L2-normalised: what ``kind`` and ``normalize`` of the encoder the model was trained with were."""
+        if kind not in ("t5", "clip", "mean"):
+            raise ValueError(f"TextEncoder.from_modules: kind must be 't5', 'clip' or 'mean', got {kind!r}")
+        self = cls.__new__(cls)
+        self.name = name
+        self.tokenizer = tokenizer
+        self.model = model.eval().requires_grad_(False)
+        self.kind, self.normalize = kind, bool(normalize) and kind == "mean"
+        self.max_length = int(max_length)
+        self.device = next(model.parameters()).device
+        config = model.config
+        self.width = int(getattr(config, "d_model", None) or config.hidden_size)
+        self.pooled_width = self.width
+        self._cache = {}
+        return self
+
     def __repr__(self) -> str:
         return f"TextEncoder({self.name!r}, width={self.width}, max_length={self.max_length})"
 

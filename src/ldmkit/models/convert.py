@@ -42,8 +42,9 @@ def to_diffusers(model: nn.Module, drop_class_table: bool = False) -> Any:
     ``convert_unet``)."""
     if getattr(model, "control_embedder", None) is not None:
         raise ValueError(
-            f"cannot convert this {model.arch} to diffusers: it has a control embedder (control_high/control_low "
-            "fields), which no diffusers model has; build it with control_high=[] and control_low=[] to convert"
+            f"cannot convert this {model.arch} to one diffusers model: it has a control embedder (control_high/"
+            "control_low fields), which no diffusers model has; `ldmkit convert to-diffusers` (or "
+            "ldmkit.diffusers_pipeline.to_diffusers_parts) exports it with the embedder beside the diffusers model"
         )
     converter = _converter(model.arch)
     if model.arch == "unet":
