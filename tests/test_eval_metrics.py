@@ -284,7 +284,11 @@ def test_torchrun_two_ranks_score_like_one_process(run, inception_file, weights_
             np.testing.assert_array_equal(a[name], b[name])
     one = json.loads((tmp_path / "one" / "metrics.json").read_text())["metrics"]
     two = json.loads((tmp_path / "two" / "metrics.json").read_text())["metrics"]
-    assert one == two and one["fid"] > 0
+    # the features are bit-identical; the float64 statistics may differ in the last digits with the
+    # BLAS thread count of each process
+    assert one.keys() == two.keys() and one["fid"] > 0
+    for key, value in one.items():
+        assert two[key] == (pytest.approx(value, rel=1e-9) if isinstance(value, float) else value), key
 
 
 def test_eval_stats_of_a_folder_and_an_npz_store_spatial_statistics(inception_file, weights_env, tmp_path,  # noqa: F811
