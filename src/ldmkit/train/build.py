@@ -11,9 +11,11 @@ from __future__ import annotations
 import importlib.util
 import inspect
 import sys
+import threading
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Callable, Optional
+from queue import Queue
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 from torch import nn
@@ -170,9 +172,36 @@ def make_buckets(cfg: Config, dataset, autoencoder) -> list[tuple[int, int]]:
     return buckets
 
 
+def prefetch(batches: Iterator[Any], depth: int = 2) -> Iterator[Any]:
+    """``batches`` read ahead by a background thread, ``depth`` at most, in the same order: the next
+    batch is decoded or rendered while the current step computes. An error reading a batch is raised
+    where that batch is taken."""
+    done = object()
+    queue: Queue = Queue(maxsize=depth)
+
+    def read() -> None:
+        try:
+            for batch in batches:
+                queue.put(batch)
+        except BaseException as e:  # handed to the consumer, raised there
+            queue.put(e)
+        queue.put(done)
+
+    threading.Thread(target=read, daemon=True, name="ldmkit-prefetch").start()
+    while (item := queue.get()) is not done:
+        if isinstance(item, BaseException):
+            raise item
+        yield item
+
+
 def training_batches(dataset, cfg: Config, dist: D.Dist, micro_batch: int, position: int, buckets=None):
     """This rank's micro-batches from global data position ``position`` on: every sample once per epoch
-    in a per-epoch permutation, the same for any number of ranks (``data/stream.py``)."""
+    in a per-epoch permutation, the same for any number of ranks (``data/stream.py``), read ahead by a
+    background thread."""
+    return prefetch(_loader(dataset, cfg, dist, micro_batch, position, buckets))
+
+
+def _loader(dataset, cfg: Config, dist: D.Dist, micro_batch: int, position: int, buckets=None):
     workers = cfg.data.num_workers
     common = dict(collate_fn=collate, num_workers=workers, persistent_workers=workers > 0,
                   pin_memory=dist.device.type == "cuda")
