@@ -197,3 +197,32 @@ def test_init_from_a_run_or_a_weights_dir_starts_from_those_weights(tmp_path):
     with pytest.raises(FileNotFoundError, match="init.from"):
         Trainer(tiny_config(tmp_path / "nowhere", f"init.from={tmp_path / 'missing'}"), progress=False)
     assert not (tmp_path / "nowhere").exists()  # checked before the run directory is made
+
+
+def test_prefetch_keeps_the_order_raises_where_the_bad_batch_is_taken_and_stops_when_dropped():
+    import gc
+    import threading
+    import time
+
+    from ldmkit.train.build import prefetch
+
+    assert list(prefetch(iter(range(50)), depth=3)) == list(range(50))
+
+    def broken():
+        yield "a"
+        yield "b"
+        raise ValueError("a damaged batch")
+
+    it = prefetch(broken())
+    assert next(it) == "a" and next(it) == "b"
+    with pytest.raises(ValueError, match="damaged"):
+        next(it)
+    before = threading.active_count()
+    it = prefetch(iter(range(10**9)))
+    assert next(it) == 0 and threading.active_count() == before + 1
+    del it
+    gc.collect()
+    deadline = time.time() + 5
+    while threading.active_count() > before and time.time() < deadline:
+        time.sleep(0.05)
+    assert threading.active_count() == before  # the reader thread ended with its iterator

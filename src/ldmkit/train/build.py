@@ -14,7 +14,7 @@ import sys
 import threading
 from dataclasses import dataclass, replace
 from pathlib import Path
-from queue import Queue
+from queue import Full, Queue
 from typing import Any, Callable, Iterator, Optional
 
 import torch
@@ -175,23 +175,37 @@ def make_buckets(cfg: Config, dataset, autoencoder) -> list[tuple[int, int]]:
 def prefetch(batches: Iterator[Any], depth: int = 2) -> Iterator[Any]:
     """``batches`` read ahead by a background thread, ``depth`` at most, in the same order: the next
     batch is decoded or rendered while the current step computes. An error reading a batch is raised
-    where that batch is taken."""
+    where that batch is taken; closing (or dropping) the iterator stops the thread."""
     done = object()
     queue: Queue = Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def put(item: Any) -> None:
+        while not stop.is_set():
+            try:
+                queue.put(item, timeout=0.1)
+                return
+            except Full:
+                pass
 
     def read() -> None:
         try:
             for batch in batches:
-                queue.put(batch)
+                put(batch)
+                if stop.is_set():
+                    return
         except BaseException as e:  # handed to the consumer, raised there
-            queue.put(e)
-        queue.put(done)
+            put(e)
+        put(done)
 
     threading.Thread(target=read, daemon=True, name="ldmkit-prefetch").start()
-    while (item := queue.get()) is not done:
-        if isinstance(item, BaseException):
-            raise item
-        yield item
+    try:
+        while (item := queue.get()) is not done:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
 
 
 def training_batches(dataset, cfg: Config, dist: D.Dist, micro_batch: int, position: int, buckets=None):
