@@ -106,7 +106,7 @@ def test_summary_of_made_up_results_matches_independent_computation(tmp_path):
     assert summary["comparisons"]["high"]["loss"]["expected"] == "lower"
     assert "low" not in summary["comparisons"]  # the baseline is not compared with itself
     text = ablate.format_results(spec, rows, summary)
-    assert "**Claim X**" in text and f"| high | colour | higher | {100 * d.mean():+.1f}% |" in text
+    assert "**Claim X**" in text and f"| high | low | colour | higher | {100 * d.mean():+.1f}% |" in text
     assert f"{100 * arm_c.mean():.1f}% ± {100 * sps.sem(arm_c):.1f}%" in text
 
 
@@ -124,6 +124,17 @@ def test_spec_checks(tmp_path):
             load_spec(_write(tmp_path, name="bad", **bad))
     per_arm = load_spec(_write(tmp_path, name="arm", claim={"expect": {"high": {"colour": "higher"}}}))
     assert per_arm["claim"]["expect_by_arm"] == {"high": {"colour": "higher"}}
+    # an arm may be compared with another arm than the baseline
+    three = {"low": [], "mid": ["train.lr=5e-4"], "high": ["train.lr=1e-3"]}
+    spec = load_spec(_write(tmp_path, name="than", variants=three, seeds=[0, 1],
+                            claim={"expect": {"high": {"than": "mid", "colour": "higher"}, "mid": {"colour": "higher"}}}))
+    rows = [{"variant": a, "seed": s, "colour": v + 0.01 * s, "n": 10}
+            for a, v in (("low", 0.2), ("mid", 0.4), ("high", 0.5)) for s in (0, 1)]
+    comps = summarize(spec, rows)["comparisons"]
+    assert comps["high"]["colour"]["reference"] == "mid" and comps["high"]["colour"]["diff"] == pytest.approx(0.1)
+    assert comps["mid"]["colour"]["reference"] == "low" and comps["mid"]["colour"]["diff"] == pytest.approx(0.2)
+    with pytest.raises(ConfigError, match="than"):
+        load_spec(_write(tmp_path, name="bad", variants=three, claim={"expect": {"high": {"than": "top"}}}))
 
 
 # ---------------------------------------------------------------------------------------------- running
@@ -193,7 +204,7 @@ def test_tiny_ablation_end_to_end_through_the_cli(tmp_path, capsys):
     out = tmp_path / "out"
     assert main(["ablate", str(path), "--out", str(out), "--no-progress"]) == 0
     printed = capsys.readouterr().out
-    assert "Paired differences arm − `low`" in printed and "| high | colour | higher |" in printed
+    assert "Paired differences arm − reference (`low`" in printed and "| high | low | colour | higher |" in printed
     results = json.loads((out / "results.json").read_text())
     assert sorted((r["variant"], r["seed"]) for r in results["results"]) == [("high", 0), ("high", 1), ("low", 0),
                                                                              ("low", 1)]

@@ -12,9 +12,10 @@ An ablation file (``configs/ablations/*.yaml``):
       id: C2
       text: cosine gating removes the size leak
       expect: {lpips: lower, stable_all: higher}  # metric -> higher | lower, for every other arm ...
-      arms: [cosine]                              # ... or only these (per arm: expect: {cosine: {lpips: lower}})
-    gpu: false                                    # true: sized for a GPU (estimate_minutes is GPU time)
-    estimate_minutes: 20                          # measured or estimated cost of the whole file
+      arms: [cosine]                              # ... or only these (per arm: expect: {cosine: {lpips: lower}},
+                                                  #  and {cosine: {than: constant, ...}} for another reference arm)
+    gpu: false                                    # true: too long for 2 CPU cores, meant for a GPU
+    estimate_minutes: 20                          # wall time of the whole file on 2 CPU cores (--jobs 2)
     variants:
       constant: [model.options.control_gate=constant]
       cosine: [model.options.control_gate=cosine]
@@ -91,6 +92,11 @@ COLUMNS = {
     "left_right_flip1": ("left/right @ flip 1", True, True),
     "flip_response": ("flip response", True, True),
 }
+# the evaluation that produces a metric (the final loss comes from training)
+METRIC_SOURCE = {**dict.fromkeys(("colour", "shape", "position", "left_right", "all", "detail"), "shapes"),
+                 **dict.fromkeys(("lpips", "lpips_hr", "stable_all", "detail_low", "detail_high", "detail_response"),
+                                 "disentangle"),
+                 **dict.fromkeys(("left_right_flip0", "left_right_flip1", "flip_response"), "flip")}
 # the key of a row that holds the number of samples behind a proportion (default: "n")
 SAMPLE_COUNT = {"left_right": "n_left_right", "stable_all": "n_disentangle", "left_right_flip0": "n_flip",
                 "left_right_flip1": "n_flip", "flip_response": "n_flip_response"}
@@ -153,6 +159,11 @@ def load_spec(path: str | Path) -> dict[str, Any]:
                                  or not math.isfinite(estimate) or estimate <= 0):
         raise ConfigError(f"{where}: estimate_minutes must be a positive number, got {estimate!r}")
     claim = _claim(spec.get("claim"), variants, baseline, where)
+    for arm, metrics in (claim or {}).get("expect_by_arm", {}).items():
+        for m in metrics:
+            if METRIC_SOURCE.get(m, "shapes") not in evaluate and m in METRIC_SOURCE:
+                raise ConfigError(f"{where}: claim.expect: metric {m!r} needs the evaluation "
+                                  f"{METRIC_SOURCE[m]!r} in 'evaluate' (has {evaluate})")
     out = {"name": path.stem, "description": str(spec.get("description", "")).strip(), "base": str(base),
            "overrides": [str(o) for o in spec.get("overrides") or []], "seeds": seeds, "baseline": baseline,
            "claim": claim, "gpu": gpu, "estimate_minutes": estimate, "variants": variants, "evaluate": list(evaluate)}
@@ -202,15 +213,23 @@ def _claim(claim: Any, variants: dict[str, list[str]], baseline: str, where: str
         return str(d)
 
     by_arm: dict[str, dict[str, str]] = {}
+    reference: dict[str, str] = {}
     for key, value in expect.items():
-        if isinstance(value, dict):  # per arm
-            if key not in others:
+        if isinstance(value, dict):  # per arm, optionally against another arm than the baseline ("than")
+            value = dict(value)
+            than = value.pop("than", None)
+            if key not in variants or (key == baseline and than is None):
                 raise ConfigError(f"{where}: claim.expect.{key}: not a non-baseline variant ({others})")
+            if than is not None:
+                if than not in variants or than == key:
+                    raise ConfigError(f"{where}: claim.expect.{key}.than: {than!r} is not another variant")
+                reference[str(key)] = str(than)
             by_arm.setdefault(str(key), {}).update({str(m): direction(m, d) for m, d in value.items()})
         else:
             for arm in arms:
                 by_arm.setdefault(str(arm), {})[str(key)] = direction(key, value)
-    return {"id": str(claim.get("id", "")), "text": str(claim.get("text", "")).strip(), "expect_by_arm": by_arm}
+    return {"id": str(claim.get("id", "")), "text": str(claim.get("text", "")).strip(), "expect_by_arm": by_arm,
+            "reference_by_arm": reference}
 
 
 def _resolve(overrides: list[str], out: Path, seed: int) -> list[str]:
@@ -532,19 +551,21 @@ def summarize(spec: dict[str, Any], rows: list[dict[str, Any]]) -> dict[str, Any
                 entry[k]["binomial_se"] = {r["seed"]: binomial_se(_value(r, k), int(r[_count_key(k)]))
                                            for r in mine if _value(r, k) is not None and r.get(_count_key(k))}
         by_arm[arm] = entry
-    expect = (spec.get("claim") or {}).get("expect_by_arm", {})
-    base = spec["baseline"]
+    claim = spec.get("claim") or {}
+    expect, references = claim.get("expect_by_arm", {}), claim.get("reference_by_arm", {})
     comparisons: dict[str, dict[str, Any]] = {}
     for arm in arms:
-        if arm == base or base not in by_arm:
+        ref = references.get(arm, spec["baseline"])  # the baseline unless the claim names another arm
+        if arm == ref or ref not in by_arm:
             continue
         comparisons[arm] = {}
         for k in metrics:
-            if k not in by_arm[arm] or k not in by_arm[base]:
+            if k not in by_arm[arm] or k not in by_arm[ref]:
                 continue
-            d = paired_difference(by_arm[arm][k]["values"], by_arm[base][k]["values"])
+            d = paired_difference(by_arm[arm][k]["values"], by_arm[ref][k]["values"])
             want = expect.get(arm, {}).get(k)
-            comparisons[arm][k] = {**d, "expected": want, "verdict": verdict(d["lo"], d["hi"], want)}
+            comparisons[arm][k] = {**d, "reference": ref, "expected": want,
+                                   "verdict": verdict(d["lo"], d["hi"], want)}
     return {"arms": by_arm, "comparisons": comparisons, "metrics": metrics}
 
 
@@ -591,17 +612,18 @@ def format_results(spec: dict[str, Any], rows: list[dict[str, Any]], summary: di
         lines.append(f"| {arm} | {' '.join(spec['variants'][arm]) or '—'} | {k_seeds} | " + " | ".join(cells) + " |")
     comps = summary["comparisons"]
     if comps:
-        lines += ["", f"Paired differences arm − `{spec['baseline']}` (same seed), 95% t interval over seeds, and the "
-                      "verdict (reproduced: the interval excludes 0 in the paper's direction; opposite: it excludes 0 "
-                      "in the other; within noise: it contains 0; n/a: one seed; —: no direction claimed).", "",
-                  "| arm | metric | expected | difference | 95% interval | seeds | verdict |",
-                  "|---|---|---|---|---|---|---|"]
+        lines += ["", f"Paired differences arm − reference (`{spec['baseline']}` unless the claim names another arm; "
+                      "same seed), 95% t interval over seeds, and the verdict (reproduced: the interval excludes 0 in "
+                      "the paper's direction; opposite: it excludes 0 in the other; within noise: it contains 0; "
+                      "n/a: one seed; —: no direction claimed).", "",
+                  "| arm | vs | metric | expected | difference | 95% interval | seeds | verdict |",
+                  "|---|---|---|---|---|---|---|---|"]
         for arm, per in comps.items():
             for k, c in per.items():
                 interval = "—" if c["lo"] is None else f"[{_num(k, c['lo'], True)}, {_num(k, c['hi'], True)}]"
                 diff = "—" if c["diff"] is None else _num(k, c["diff"], True)
-                lines.append(f"| {arm} | {COLUMNS[k][0]} | {c['expected'] or '—'} | {diff} | {interval} | {c['k']} "
-                             f"| {c['verdict']} |")
+                lines.append(f"| {arm} | {c['reference']} | {COLUMNS[k][0]} | {c['expected'] or '—'} | {diff} | "
+                             f"{interval} | {c['k']} | {c['verdict']} |")
     lines += ["", "Per run (arm, seed): the score ± its binomial standard error where it is a proportion.", "",
               "| arm | seed | " + " | ".join(_title(k) for k in keys) + " |", "|---|---|" + "---|" * len(keys)]
     for r in sorted(rows, key=lambda r: (arms.index(r["variant"]) if r["variant"] in arms else 0, r["seed"])):
