@@ -21,7 +21,7 @@ An ablation file (``configs/ablations/*.yaml``):
       cosine: [model.options.control_gate=cosine]
     evaluate: [shapes, disentangle]
 
-Evaluations (``evaluate``): ``shapes`` (class or caption following), ``disentangle`` (METHOD.md §3: size distance, content stability, and the detail response of
+Evaluations (``evaluate``): ``shapes`` (class or caption following), ``disentangle`` (docs/conditioning.md: size distance, content stability, and the detail response of
 ``ldmkit.eval.detail``), ``flip`` (text models: left/right at flip 0 and 1, ``ldmkit.eval.shapes.evaluate_flip``).
 Every evaluation runs after training on the final EMA weights, with the arm's ``sample`` settings and an
 evaluation seed derived from the run's seed, so that two arms of one seed see the same evaluation noise.
@@ -35,7 +35,7 @@ logs in ``logs/``), ``--devices cuda:0,cuda:1`` assigns them to devices round-ro
 Arms whose configs differ only in ``sample``, ``eval`` or ``run`` keys (e.g. a size condition at inference,
 claim C4) train once per seed: the later arm evaluates the earlier arm's checkpoint with its own settings.
 
-Two-stage studies (pre-train, then fine-tune; METHOD.md §7): an override value ``{run:NAME}`` is the run
+Two-stage studies (pre-train, then fine-tune; docs/transfer.md): an override value ``{run:NAME}`` is the run
 directory of the earlier arm NAME with the same seed, e.g. ``init.from={run:pretrain}``. Arms that evaluate
 during training (``eval.shapes_every``) also get ``curves.png``.
 
@@ -641,7 +641,7 @@ def format_results(spec: dict[str, Any], rows: list[dict[str, Any]], summary: di
     metric = next((r.get("distance_metric") for r in rows if r.get("distance_metric")), None)
     if metric:
         lines += ["", f"Size distance: mean pairwise `{metric}` between images generated from the same noise and "
-                      "label at the scaled size conditions (METHOD.md §3); content stable: colour, shape and "
+                      "label at the scaled size conditions (docs/conditioning.md); content stable: colour, shape and "
                       "position read the same at every size; detail: high-frequency energy (ldmkit.eval.detail) at "
                       "the smallest and largest size condition, response = large − small."]
     return "\n".join(lines) + "\n"

@@ -1,6 +1,6 @@
 """Low-level detail of images: the share of their energy at the highest spatial frequencies.
 
-The size condition (``orig_size``) is meant to control low-level detail (METHOD.md §3): a model conditioned
+The size condition (``orig_size``) is meant to control low-level detail (docs/conditioning.md): a model conditioned
 on a small source size should make the soft, blocky images that upsampled small sources are, and on a large
 one crisp images, with the same content. ``high_frequency_energy`` measures the first part:
 
