@@ -216,3 +216,11 @@ def test_tiny_ablation_end_to_end_through_the_cli(tmp_path, capsys):
         main(["ablate", str(path), "--out", str(out), "--jobs", "0"])
     assert main(["ablate", str(path), "--out", str(out), "--devices", "gpu7"]) == 2
     assert "ldmkit: error:" in capsys.readouterr().err
+
+
+def test_parallel_runner_does_not_wait_for_a_unit_that_cannot_run(tmp_path, capsys):
+    path = _write(tmp_path, variants={"pre": [], "fine": ["init.from={run:pre}"]}, seeds=[0])
+    spec = load_spec(path)
+    fine = [u for u in ablate.plan(spec, tmp_path / "out") if u.arm == "fine"]
+    assert not ablate._run_parallel(spec, tmp_path / "out", fine, [], [], 2, 8)  # pre is neither done nor to run
+    assert "cannot start fine/seed0" in capsys.readouterr().out

@@ -304,8 +304,8 @@ def run_ablation(path: str | Path, extra: list[str] | tuple[str, ...] = (), out:
     if any(o.startswith("seed=") for o in extra):
         raise ConfigError("ablate: the seeds come from the ablation file's 'seeds' list, not from a seed= override")
     if spec["gpu"] and not devices:
-        print(f"[{spec['name']}] note: this ablation is sized for a GPU (estimate "
-              f"{spec['estimate_minutes'] or '?'} min there); on CPU it takes far longer")
+        print(f"[{spec['name']}] note: this ablation is meant for a GPU (about {spec['estimate_minutes'] or '?'} "
+              "min on 2 CPU cores with --jobs 2)")
     (out / "ablation.json").write_text(json.dumps({**spec, "extra_overrides": extra, "disentangle_num": disentangle_num},
                                                   indent=2))
     units = plan(spec, out, extra)
@@ -341,7 +341,7 @@ def _run_parallel(spec, out, todo, extra, devices, jobs, disentangle_num) -> boo
     """Run up to ``jobs`` units at a time, each in its own process (``python -m ldmkit.ablate``); a unit starts
     when the units it needs (its training source, its ``{run:NAME}`` references) have results."""
     logs = out / "logs"
-    logs.mkdir(exist_ok=True)
+    logs.mkdir(parents=True, exist_ok=True)
     pending = list(todo)
     running: dict[subprocess.Popen, Unit] = {}
     failed: list[str] = []
@@ -381,6 +381,11 @@ def _run_parallel(spec, out, todo, extra, devices, jobs, disentangle_num) -> boo
                     log.close()
                     pending.remove(unit)
             elif not running:
+                break
+            if not running and pending:  # nothing runs and nothing can start: a needed unit has no result
+                waiting = ", ".join(f"{u.key} (needs {_needs(spec, u)})" for u in pending)
+                print(f"[{spec['name']}] cannot start {waiting}")
+                failed.extend(u.key for u in pending)
                 break
             time.sleep(0.2)
             for p in [p for p in running if p.poll() is not None]:
