@@ -685,8 +685,12 @@ def _plot(path: Path, spec: dict[str, Any], summary: dict[str, Any]) -> None:
     keys, arms = summary["metrics"], list(summary["arms"])
     if not keys:
         return
-    fig, axes = plt.subplots(1, len(keys), figsize=(2.6 * len(keys), 3.4), squeeze=False)
-    for ax, key in zip(axes[0], keys):
+    ncol = min(len(keys), 5)
+    nrow = math.ceil(len(keys) / ncol)
+    fig, axes = plt.subplots(nrow, ncol, figsize=(2.8 * ncol, 3.2 * nrow + 0.4), squeeze=False)
+    for ax in axes.flat[len(keys):]:
+        ax.axis("off")
+    for ax, key in zip(axes.flat, keys):
         scale = 100.0 if COLUMNS[key][2] else 1.0
         for i, arm in enumerate(arms):
             e = summary["arms"][arm].get(key)
