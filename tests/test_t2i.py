@@ -1,13 +1,11 @@
 """Text-to-image runs end to end on shapes captions with the offline MiniLM encoder; the disentanglement
-command; ablation files."""
+command (ablation files: tests/test_ablate.py)."""
 
 import json
 
 import pytest
 import torch
-import yaml
 
-from ldmkit.ablate import load_spec, run_ablation
 from ldmkit.cli import main
 from ldmkit.config import ConfigError, load_config
 from ldmkit.train.trainer import train
@@ -79,35 +77,6 @@ def test_eval_disentangle_writes_scores_and_a_figure(tmp_path, capsys):
     printed = capsys.readouterr().out
     if result["metric"] != "lpips-alex-v0.1":  # no LPIPS weights here: the output must say so
         assert "NOT comparable" in printed and result["note"]
-
-
-def test_ablation_files_are_valid_and_the_runner_writes_a_table(tmp_path):
-    from pathlib import Path
-
-    files = sorted(Path("configs/ablations").glob("*.yaml"))
-    assert {f.stem for f in files} >= {"gate", "semantic_path", "padding", "flip"}
-    for f in files:
-        spec = load_spec(f)  # every variant's config is valid
-        assert len(spec["variants"]) >= 2
-    spec = {"description": "two learning rates", "base": str(Path("configs/quickstart.yaml").resolve()),
-            "overrides": ["data.image_size=16", "data.shapes.colours=[red,green]", "model.name=dit-tiny/4",
-                          "train.batch_size=8", "train.steps=2", "train.warmup_steps=1", "train.sample_every=0",
-                          "train.threads=1", "sample.steps=2", "sample.grid_rows=1", "eval.shapes_per_class=1"],
-            "variants": {"low": ["train.lr=1e-4"], "high": ["train.lr=1e-3"]}, "evaluate": ["shapes"]}
-    path = tmp_path / "lr.yaml"
-    path.write_text(yaml.safe_dump(spec, sort_keys=False))
-    out = run_ablation(path, out=tmp_path / "out", progress=False)
-    results = json.loads((out / "results.json").read_text())["results"]
-    assert [r["variant"] for r in results] == ["low", "high"] and all("colour" in r and "loss" in r for r in results)
-    table = (out / "results.md").read_text()
-    assert "| low | train.lr=1e-4 |" in table and "| high | train.lr=1e-3 |" in table
-    # a second call reuses the finished variants instead of training them again
-    (out / "low" / "metrics.jsonl").unlink()
-    run_ablation(path, out=out, progress=False)
-    with pytest.raises(ConfigError, match="variants"):
-        bad = tmp_path / "bad.yaml"
-        bad.write_text(yaml.safe_dump({"base": str(Path("configs/quickstart.yaml").resolve()), "variants": {"a": []}}))
-        load_spec(bad)
 
 
 @pytest.mark.slow

@@ -514,8 +514,9 @@ def cmd_eval_stats(args: argparse.Namespace) -> int:
 def cmd_ablate(args: argparse.Namespace) -> int:
     from ldmkit.ablate import run_ablation
 
+    devices = [d for d in (args.devices or "").split(",") if d.strip()]
     out = run_ablation(args.file, args.overrides, out=args.out, disentangle_num=args.disentangle_num,
-                       progress=not args.no_progress)
+                       progress=not args.no_progress and args.jobs == 1, jobs=args.jobs, devices=devices)
     print((out / "results.md").read_text())
     print(f"Wrote {out / 'results.md'}, {out / 'results.json'} and {out / 'results.png'}")
     return 0
@@ -757,6 +758,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="key=value overrides for every variant (e.g. train.steps=200)")
     p.add_argument("--out", help="output directory (default runs/ablation-<name>-<time>; reuse one to continue)")
     p.add_argument("--disentangle-num", type=POSITIVE_INT, default=64, help="samples of the disentanglement score")
+    p.add_argument("--jobs", type=POSITIVE_INT, default=1,
+                   help="arm x seed runs at a time, each in its own process with train.threads=1 (default 1)")
+    p.add_argument("--devices", help="comma-separated devices the runs take round-robin, e.g. cuda:0,cuda:1")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_ablate)
 

@@ -49,6 +49,10 @@ class ShapesConfig:
     orig_scale: tuple[float, float] = (1.0, 4.0)  # source short side / image_size, log-uniform
     max_aspect: float = 4 / 3  # source aspect ratio in [1/max_aspect, max_aspect]
     size_range: tuple[float, float] = (0.22, 0.36)  # shape half-size / visible square side
+    # Conditions testbed (docs/findings.md): sources smaller than the output are allowed and upsampled
+    # (orig_scale may go below 1), and shapes may be placed anywhere in the source, so crops cut them.
+    upsample: bool = False
+    placement: Literal["window", "source"] = "window"
 
 
 @dataclass
@@ -433,7 +437,7 @@ def set_key(cfg: Config, key: str, value: Any) -> None:
     for i, part in enumerate(parts[:-1]):
         types_ = _field_types(type(obj))
         if part in types_ and typing.get_origin(types_[part]) is dict and i == len(parts) - 2:
-            getattr(obj, _attr(part))[parts[-1]] = value  # a free-form mapping, e.g. model.options.control_gate=none
+            getattr(obj, _attr(part))[parts[-1]] = value  # a free-form mapping, e.g. model.options.class_tokens=4
             return
         if part not in types_ or not dataclasses.is_dataclass(types_[part]):
             raise _unknown_key(key)
@@ -498,8 +502,12 @@ def validate(cfg: Config) -> None:
     need(d.name == "shapes" or d.path is not None, "data.path", f"data.name={d.name!r} reads files: set data.path")
     need(d.name != "folder" or d.captions is not None, "data.captions",
          "data.name='folder' needs a captions file (CSV or JSONL with columns file, caption)")
-    need(d.name != "shapes" or d.crop != "random_resized", "data.crop",
-         "shapes supports center and random crops (its ground truth assumes one resize factor)")
+    if d.name == "shapes":  # the dataset checks the rest; these two decide what the testbed options allow
+        lo = 4 / d.image_size if d.shapes.upsample else 1.0  # 4: ldmkit.data.shapes.MIN_SOURCE_PX
+        need(lo <= d.shapes.orig_scale[0] <= d.shapes.orig_scale[1], "data.shapes.orig_scale",
+             f"need {lo:g} <= min <= max" + ("" if d.shapes.upsample else
+                                             " (sources smaller than the output need data.shapes.upsample=true)")
+             + f", got {list(d.shapes.orig_scale)}")
     need(0 < d.crop_scale[0] <= d.crop_scale[1] <= 1, "data.crop_scale", f"need 0 < lo <= hi <= 1, got {d.crop_scale}")
     need(0 < d.crop_ratio[0] <= d.crop_ratio[1], "data.crop_ratio", f"need 0 < lo <= hi, got {d.crop_ratio}")
     need(d.min_size >= 0 and d.shuffle_buffer >= 0 and d.num_workers >= 0, "data",

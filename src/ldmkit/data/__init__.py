@@ -22,7 +22,8 @@ def build_dataset(cfg: DataConfig, seed: int, rank: int = 0, world_size: int = 1
             image_size=cfg.image_size, num_samples=cfg.num_samples, seed=seed,
             shapes=tuple(s.shapes), colours=tuple(s.colours), orig_scale=tuple(s.orig_scale),
             max_aspect=s.max_aspect, size_range=tuple(s.size_range), crop=cfg.crop,
-            flip_prob=cfg.flip_prob,
+            flip_prob=cfg.flip_prob, upsample=s.upsample, placement=s.placement,
+            crop_scale=tuple(cfg.crop_scale), crop_ratio=tuple(cfg.crop_ratio),
         )
     if cfg.name in ("imagenet", "folder"):
         from ldmkit.data.images import build_image_dataset

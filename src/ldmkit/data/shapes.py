@@ -6,6 +6,18 @@ pipeline (``ldmkit.data.transforms``) so that the control metadata (orig_size, c
 small originals are visibly aliased (detail depends on orig_size), and the caption describes the
 SOURCE image, so a flipped sample contradicts its caption's left/right unless the model reads ``flip``.
 
+Testbed options (all off by default, so the default data is unchanged) make every control condition
+carry information (the "conditions testbed" of docs/findings.md):
+- ``upsample=True``: sources may be SMALLER than the output (``orig_scale`` down to ``MIN_SOURCE_PX``
+  pixels on the short side); the pipeline upsamples them (bicubic), so they look soft and blocky, and the
+  size condition controls low-level detail;
+- ``placement="source"``: the shape is placed anywhere in the whole source rectangle (its position words
+  name the source's 3x3 cells), instead of inside the region a centre crop keeps; crops of non-square
+  sources then cut shapes at the borders or remove them, so the crop condition matters;
+- ``crop="random_resized"`` (with ``crop_scale``, ``crop_ratio``): random boxes of the source, which cut
+  shapes more often; the ground truth follows the box.
+Captions always name the position in the unflipped source.
+
 Geometry conventions (shared with ``ldmkit.eval.shapes``), in coordinates where the placement square
 is [0, 1]^2 with y pointing down:
 - ``center`` is the shape's AREA CENTROID (for a triangle, r/3 below its bounding-box centre), so that
@@ -25,8 +37,9 @@ import torch
 from PIL import Image
 
 from ldmkit.data.transforms import (
-    SQUARE_CROP_MODES,
+    CROP_MODES,
     center_crop_offset,
+    random_resized_box,
     resize_crop_flip,
     resized_size,
     to_tensor,
@@ -87,6 +100,9 @@ BACKGROUND_RANGE = (200, 235)
 # Minimum distance of a shape's centroid from its grid cell's boundaries (fraction of the side),
 # so that the position named in the caption is unambiguous.
 CELL_MARGIN = 0.04
+# Smallest short side of a source image with ``upsample=True`` (pixels): a shape still covers a few pixels.
+MIN_SOURCE_PX = 4
+PLACEMENTS = ("window", "source")
 
 
 def shape_sdf(shape: str, dx: np.ndarray, dy: np.ndarray, r: np.ndarray | float) -> np.ndarray:
@@ -156,13 +172,21 @@ class ShapesDataset(torch.utils.data.Dataset):
         size_range: tuple[float, float] = (0.22, 0.36),
         crop: str = "center",
         flip_prob: float = 0.5,
+        upsample: bool = False,
+        placement: str = "window",
+        crop_scale: tuple[float, float] = (0.5, 1.0),
+        crop_ratio: tuple[float, float] = (3 / 4, 4 / 3),
     ) -> None:
         self.shapes = tuple(shapes)
         self.colours = tuple(colours)
         _validate(
             image_size, num_samples, seed, self.shapes, self.colours, orig_scale, max_aspect,
-            size_range, crop, flip_prob,
+            size_range, crop, flip_prob, upsample, placement, crop_scale, crop_ratio,
         )
+        self.upsample = bool(upsample)
+        self.placement = placement
+        self.crop_scale = (float(crop_scale[0]), float(crop_scale[1]))
+        self.crop_ratio = (float(crop_ratio[0]), float(crop_ratio[1]))
         self.image_size = int(image_size)
         self.num_samples = int(num_samples)
         self.seed = int(seed)
@@ -212,7 +236,9 @@ class ShapesDataset(torch.utils.data.Dataset):
         shape = self.shapes[min(int(u[0] * len(self.shapes)), len(self.shapes) - 1)]
         colour = self.colours[min(int(u[1] * len(self.colours)), len(self.colours) - 1)]
 
-        short = max(self.image_size, round(self.image_size * _log_uniform(u[2], *self.orig_scale)))
+        # Without upsample every source covers the output (short side >= image_size), as before.
+        smallest = MIN_SOURCE_PX if self.upsample else self.image_size
+        short = max(smallest, round(self.image_size * _log_uniform(u[2], *self.orig_scale)))
         aspect = _log_uniform(u[3], 1.0 / self.max_aspect, self.max_aspect)  # w / h
         if aspect >= 1.0:
             h0, w0 = short, max(short, round(short * aspect))
@@ -246,12 +272,15 @@ class ShapesDataset(torch.utils.data.Dataset):
         }
 
     def _placement_window(self, h0: int, w0: int) -> tuple[float, float, float, float]:
-        """(x0, y0, width, height) in source pixels of the region a centre crop keeps at image_size.
+        """(x0, y0, width, height) in source pixels of the region the normalised placement covers.
 
-        It is the central square of side min(h0, w0) up to the rounding of the resize and of the crop
-        offset (< 1 output pixel); placing shapes in exactly this window makes a centre-cropped
-        sample's final centre equal its source centre.
+        ``window`` placement: the region a centre crop keeps at image_size, i.e. the central square of side
+        min(h0, w0) up to the rounding of the resize and of the crop offset (< 1 output pixel); placing
+        shapes in exactly this window makes a centre-cropped sample's final centre equal its source centre.
+        ``source`` placement: the whole source (shape sizes stay relative to its short side).
         """
+        if self.placement == "source":
+            return 0.0, 0.0, float(w0), float(h0)
         new_h, new_w = resized_size(h0, w0, self.image_size)
         top, left = center_crop_offset(new_h, new_w, self.image_size)
         sy, sx = h0 / new_h, w0 / new_w  # source pixels per resized pixel
@@ -290,18 +319,32 @@ class ShapesDataset(torch.utils.data.Dataset):
     def get(self, index: int, epoch: int) -> dict[str, Any]:
         """Sample ``index`` with the augmentation (crop, flip) of ``epoch``."""
         img, p = self.render(index)
-        rng = np.random.default_rng([self.seed, int(epoch), int(index), 1])
-        out, control = resize_crop_flip(img, self.image_size, self.crop, self.flip_prob, rng)
+        stream = [self.seed, int(epoch), int(index), 1]
+        out, control = resize_crop_flip(img, self.image_size, self.crop, self.flip_prob, np.random.default_rng(stream),
+                                        scale=self.crop_scale, ratio=self.crop_ratio)
 
         # Where the centroid lands in the output: resize each axis, subtract the crop, mirror on flip.
         h0, w0 = p["orig_size"]
-        new_h, new_w = resized_size(h0, w0, self.image_size)
         x0, y0, win_w, win_h = self._placement_window(h0, w0)
         src_x = x0 + p["center"][0] * win_w
         src_y = y0 + p["center"][1] * win_h
-        top, left = control["crop"]
-        fx = (src_x * new_w / w0 - left) / self.image_size
-        fy = (src_y * new_h / h0 - top) / self.image_size
+        final_size = p["size"]  # r in units of the output side: the short side is scaled exactly to image_size
+        if self.crop == "random_resized":  # the same box the transform drew (same stream, drawn first)
+            bt, bl, bh, bw = random_resized_box(h0, w0, self.crop_scale, self.crop_ratio,
+                                                np.random.default_rng(stream))
+            final_size = p["size"] * min(h0, w0) / math.sqrt(bh * bw)  # geometric mean of the two axis scales
+        else:  # the square crop, in source pixels
+            new_h, new_w = resized_size(h0, w0, self.image_size)
+            top, left = control["crop"]
+            bt, bl = top * h0 / new_h, left * w0 / new_w
+            bh, bw = self.image_size * h0 / new_h, self.image_size * w0 / new_w
+        fx, fy = (src_x - bl) / bw, (src_y - bt) / bh
+        # Cut: the shape's extent crosses the crop by more than half an output pixel.
+        r_px = p["size"] * min(h0, w0)
+        ext_l, ext_r, ext_t, ext_b = SHAPE_EXTENTS[p["shape"]]
+        tol_x, tol_y = 0.5 * bw / self.image_size, 0.5 * bh / self.image_size
+        cut = (src_x - ext_l * r_px < bl - tol_x or src_x + ext_r * r_px > bl + bw + tol_x
+               or src_y - ext_t * r_px < bt - tol_y or src_y + ext_b * r_px > bt + bh + tol_y)
         flipped = control["flip"] == 1.0
         if flipped:
             fx = 1.0 - fx
@@ -310,8 +353,10 @@ class ShapesDataset(torch.utils.data.Dataset):
         ground_truth.update(
             final_center=(float(fx), float(fy)),
             final_position=position_name(fx, fy),
-            # r in units of the output side: the short side is scaled exactly to image_size.
-            final_size=p["size"],
+            final_size=final_size,
+            # False when a crop removed the centroid (final_position is then the nearest cell)
+            final_inside=bool(0.0 <= fx <= 1.0 and 0.0 <= fy <= 1.0),
+            cut=bool(cut),  # part of the shape lies outside the crop
             flipped=flipped,
         )
         return {
@@ -352,6 +397,10 @@ def _validate(
     size_range: tuple[float, float],
     crop: str,
     flip_prob: float,
+    upsample: bool = False,
+    placement: str = "window",
+    crop_scale: tuple[float, float] = (0.5, 1.0),
+    crop_ratio: tuple[float, float] = (3 / 4, 4 / 3),
 ) -> None:
     def bad(arg: str, msg: str) -> ValueError:
         return ValueError(f"ShapesDataset: {arg} {msg}")
@@ -372,13 +421,27 @@ def _validate(
     unknown = [c for c in colours if c not in PALETTE]
     if unknown:
         raise bad("colours", f"has unknown colour(s) {unknown}; valid colours are {list(PALETTE)}")
-    if len(orig_scale) != 2 or not 1.0 <= orig_scale[0] <= orig_scale[1]:
-        raise bad("orig_scale", f"must be (min, max) with 1 <= min <= max, got {orig_scale!r}")
+    if not isinstance(upsample, bool):
+        raise bad("upsample", f"must be True or False, got {upsample!r}")
+    if upsample:
+        lo = MIN_SOURCE_PX / image_size
+        if len(orig_scale) != 2 or not lo <= orig_scale[0] <= orig_scale[1] or not math.isfinite(orig_scale[1]):
+            raise bad("orig_scale", f"must be (min, max) with {lo:g} <= min <= max (upsample: sources down to "
+                                    f"{MIN_SOURCE_PX} px), got {orig_scale!r}")
+    elif len(orig_scale) != 2 or not 1.0 <= orig_scale[0] <= orig_scale[1] or not math.isfinite(orig_scale[1]):
+        raise bad("orig_scale", f"must be (min, max) with 1 <= min <= max (smaller sources need upsample=True), "
+                                f"got {orig_scale!r}")
     if not max_aspect >= 1.0:
         raise bad("max_aspect", f"must be >= 1 (w / h and h / w are both allowed), got {max_aspect!r}")
     if len(size_range) != 2 or not 0.0 < size_range[0] <= size_range[1] < 0.5:
         raise bad("size_range", f"must be (min, max) with 0 < min <= max < 0.5, got {size_range!r}")
-    if crop not in SQUARE_CROP_MODES:  # ground truth assumes one resize factor
-        raise bad("crop", f"must be one of {SQUARE_CROP_MODES} for shapes, got {crop!r}")
+    if crop not in CROP_MODES:
+        raise bad("crop", f"must be one of {CROP_MODES} for shapes, got {crop!r}")
+    if placement not in PLACEMENTS:
+        raise bad("placement", f"must be one of {PLACEMENTS}, got {placement!r}")
+    if len(crop_scale) != 2 or not 0.0 < crop_scale[0] <= crop_scale[1] <= 1.0:
+        raise bad("crop_scale", f"must be (lo, hi) with 0 < lo <= hi <= 1, got {crop_scale!r}")
+    if len(crop_ratio) != 2 or not 0.0 < crop_ratio[0] <= crop_ratio[1] or not math.isfinite(crop_ratio[1]):
+        raise bad("crop_ratio", f"must be (lo, hi) with 0 < lo <= hi, got {crop_ratio!r}")
     if not 0.0 <= flip_prob <= 1.0:
         raise bad("flip_prob", f"must be in [0, 1], got {flip_prob!r}")

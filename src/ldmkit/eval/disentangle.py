@@ -170,7 +170,8 @@ def evaluate_disentanglement(model: torch.nn.Module, cfg, *, device: torch.devic
     """The disentanglement score of a trained model (its run config ``cfg``): ``num`` samples (classes
     cycling, or ``class_id``; text models: ``prompts``, by default every shapes caption), each generated at
     every size condition from the same noise. Returns (result dict, PIL figure with one row per sample and
-    one column per size). On ``shapes`` the result also holds ``content_stability``."""
+    one column per size). The result also holds ``detail`` (``ldmkit.eval.detail.detail_response``: high-frequency
+    energy against the size condition) and, on ``shapes``, ``content_stability``."""
     from ldmkit.autoencoders import build_autoencoder, to_uint8
     from ldmkit.data import build_dataset
     from ldmkit.eval.lpips import perceptual_distance
@@ -204,6 +205,9 @@ def evaluate_disentanglement(model: torch.nn.Module, cfg, *, device: torch.devic
     images = generate_across_sizes(model, cond, latent, sizes, uncond=uncond, decode=ae.decode, seed=seed,
                                    device=device, progress=progress, **sample_kwargs)
     result = pairwise_scores(images, metric, hr_sizes=hr, batch_size=64)
+    from ldmkit.eval.detail import detail_response
+
+    result["detail"] = detail_response(images)  # does the size condition control low-level detail?
     result.update(metric=metric.name, note=note, hr_sizes=hr, paper_sizes=list(DEFAULT_SIZES), settings={
         **settings_record(sample_kwargs),
         "seed": seed, "num": num, "crop": list(crop), "flip": bool(flip)})
@@ -224,6 +228,10 @@ def format_disentanglement(result: dict[str, Any]) -> str:
     lines = [f"disentanglement over {result['n']} samples x sizes {result['sizes']}: {name} {result['lpips']:.4f}, "
              f"{name}/HR {result['lpips_hr']:.4f} (HR = {result['hr_sizes']}; lower = content depends less on "
              "the size condition)"]
+    d = result.get("detail")
+    if d:
+        lines.append(f"  detail (high-frequency energy) at size {min(d['per_size'])}: {d['detail_low']:.4f}, at "
+                     f"{max(d['per_size'])}: {d['detail_high']:.4f} (response {d['detail_response']:+.4f})")
     cs = result.get("content_stability")
     if cs:
         lines.append(f"  shapes content unchanged across sizes: colour {100 * cs['colour']:.1f}%, shape "

@@ -119,8 +119,7 @@ class ShapesEvaluator:
     ) -> dict[str, float]:
         """Accuracies of ``images`` against the requested colours/shapes(/positions); not found = wrong.
 
-        Returns floats ``colour``, ``shape``, ``both`` (colour and shape), ``found``, ``position`` (only
-        when ``positions`` is given) and the int ``n``.
+        Returns floats ``colour``, ``shape``, ``both`` (colour and shape), ``found``, ``position`` (only when ``positions`` is given) and the int ``n``.
         """
         n = len(images)
         if len(colours) != n or len(shapes) != n or (positions is not None and len(positions) != n):
@@ -267,7 +266,8 @@ def evaluate_generation(
     model has those attributes, else to RGB pixels at the dataset's image size. ``decode`` maps the
     sampler's output to images in [-1, 1] (identity when None); it runs in chunks of ``batch_size``.
     Returns the accuracies of ``ShapesEvaluator.score`` (no position: a class does not name one), a
-    per-class breakdown, how often each position was drawn, and the sampling settings (JSON-ready).
+    per-class breakdown, how often each position was drawn, ``detail`` (the samples' mean high-frequency
+    energy, ``ldmkit.eval.detail``) and the sampling settings (JSON-ready).
     """
     from ldmkit.sampling import conditions_for, default_control, generate  # lazy: no model code needed above
 
@@ -299,6 +299,7 @@ def evaluate_generation(
     }
     found_positions = [r["position"] for r in results if r["found"]]
     result["positions"] = {p: found_positions.count(p) for p in POSITIONS}
+    result["detail"] = _detail(images)
     result["settings"] = {
         "per_class": per_class, "sampler": sampler, "steps": steps, "guidance": guidance,
         "control_guidance": control_guidance, "interval": list(interval), "shift": shift, "seed": seed,
@@ -343,7 +344,8 @@ def evaluate_captions(
 
     ``text`` is the model's ``ldmkit.text.TextConditioner``; ``captions`` (caption, colour, shape,
     position) tuples restrict the set (default: all). ``control`` as in ``evaluate_generation``; with the
-    default ``flip = 0`` a position named "left" must appear on the left.
+    default ``flip = 0`` a position named "left" must appear on the left. Also returns ``left_right`` (over
+    the ``n_left_right`` samples whose caption names a side), ``all`` and ``detail`` (as ``evaluate_generation``).
     """
     from ldmkit.sampling import conditions_for, default_control, generate
 
@@ -369,6 +371,8 @@ def evaluate_captions(
     sided = [(r, p) for r, p in zip(results, positions) if p.endswith(("left", "right"))]
     result["left_right"] = float(np.mean([r["found"] and r["position"].split()[-1] == p.split()[-1]
                                           for r, p in sided])) if sided else 0.0
+    result["n_left_right"] = len(sided)
+    result["detail"] = _detail(images)
     result["settings"] = {
         "per_caption": per_caption, "captions": len(items) // per_caption, "sampler": sampler, "steps": steps,
         "guidance": guidance, "control_guidance": control_guidance, "interval": list(interval), "shift": shift,
@@ -376,6 +380,86 @@ def evaluate_captions(
         "text_encoder": getattr(getattr(text, "encoder", None), "name", None),
     }
     return result
+
+
+MIRROR = {"left": "right", "right": "left"}
+
+
+def side_of(position: str) -> str | None:
+    """"left" / "right" for a position naming a side ("top left", "middle right"), else None."""
+    last = position.split()[-1]
+    return last if last in MIRROR else None
+
+
+@torch.no_grad()
+def evaluate_flip(
+    model: torch.nn.Module,
+    dataset: ShapesDataset,
+    text: Any,
+    *,
+    per_caption: int = 1,
+    seed: int = 0,
+    device: torch.device | str = "cpu",
+    decode: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    latent_shape: tuple[int, int, int] | None = None,
+    batch_size: int = 256,
+    progress: bool = False,
+    control: dict[str, Any] | None = None,
+    **sample_kwargs: Any,
+) -> dict[str, Any]:
+    """Does the flip condition steer left/right (claim C6)? Every caption naming a side is sampled twice from
+    the SAME noise, with flip = 0 and flip = 1 (other control values from ``control``).
+
+    Captions describe the unflipped source, so a training image with flip = 1 shows the shape on the side
+    opposite to its caption's; a model that reads the flip puts "left" on the left at flip 0 and on the right
+    at flip 1. Returns ``left_right_flip0`` (side read = caption's side at flip 0), ``left_right_flip1`` (side
+    read = the mirrored side at flip 1), ``flip_response`` (fraction of samples read on a side at flip 0 that
+    are read on the other side at flip 1; 0 for a model that ignores the flip), ``max_pixel_diff`` (largest
+    |difference| of the two images, uint8 levels), ``n`` (samples per flip value) and ``n_response`` (samples
+    read on a side at flip 0).
+    """
+    from ldmkit.sampling import conditions_for, default_control, generate
+
+    if per_caption < 1:
+        raise ValueError(f"evaluate_flip: per_caption must be >= 1, got {per_caption}")
+    latent_shape = _latent_shape(model, dataset, latent_shape)
+    items = [it for it in all_captions(dataset) if side_of(it[3]) for _ in range(per_caption)]
+    prompts = [c for c, *_ in items]
+    sides = [side_of(it[3]) for it in items]
+    evaluator = ShapesEvaluator(colours=dataset.colours, shapes=dataset.shapes)
+    settings = {k: v for k, v in (control or {}).items() if k != "flip"}
+    images, reads = {}, {}
+    for flip in (0, 1):
+        cond, uncond = conditions_for(default_control(len(items), dataset.image_size, **settings, flip=bool(flip)),
+                                      prompts=prompts, text=text)
+        x = generate(model, cond, latent_shape, uncond=uncond, seed=seed, batch_size=batch_size, device=device,
+                     progress=progress, **sample_kwargs)
+        images[flip] = _decode(x, decode, batch_size, device)
+        reads[flip] = [side_of(r["position"]) if r["found"] else None for r in evaluator.analyze(images[flip])]
+    n = len(items)
+    ok0 = [r == s for r, s in zip(reads[0], sides)]
+    ok1 = [r == MIRROR[s] for r, s in zip(reads[1], sides)]
+    sided0 = [(a, b) for a, b in zip(reads[0], reads[1]) if a is not None]
+    response = [b == MIRROR[a] for a, b in sided0]
+    diff = np.abs(images[0].astype(np.int16) - images[1].astype(np.int16))
+    return {
+        "left_right_flip0": float(np.mean(ok0)),
+        "left_right_flip1": float(np.mean(ok1)),
+        "flip_response": float(np.mean(response)) if response else 0.0,
+        "max_pixel_diff": int(diff.max()) if diff.size else 0,
+        "n": n,
+        "n_response": len(response),
+        "settings": {"per_caption": per_caption, "seed": seed, "control": _plain(settings),
+                     **{k: (list(v) if isinstance(v, tuple) else v) for k, v in sample_kwargs.items()
+                        if isinstance(v, (int, float, str, tuple))}},
+    }
+
+
+def _detail(images: np.ndarray) -> float:
+    """Mean high-frequency energy of uint8 samples (``ldmkit.eval.detail``): how sharp they are."""
+    from ldmkit.eval.detail import high_frequency_energy
+
+    return float(high_frequency_energy(images).mean()) if len(images) else 0.0
 
 
 def _latent_shape(model: torch.nn.Module, dataset: ShapesDataset,
