@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 from pathlib import Path
 
 import numpy as np
@@ -115,9 +114,10 @@ def sample_check(model, cfg, text, per_caption: int = 1) -> dict:
     from ldmkit.eval.shapes import evaluate_flip
 
     ds = build_dataset(cfg.data, seed=cfg.seed)
-    from ldmkit.sampling import sample_settings
+    from ldmkit.sampling import SampleSettings
 
-    r = evaluate_flip(model, ds, text, per_caption=per_caption, seed=cfg.seed + 7, **sample_settings(cfg, model))
+    r = evaluate_flip(model, ds, text, per_caption=per_caption, seed=cfg.seed + 7,
+                      settings=SampleSettings.from_config(cfg, model))
     return {k: r[k] for k in ("left_right_flip0", "left_right_flip1", "flip_response", "max_pixel_diff", "n")}
 
 

@@ -29,7 +29,7 @@ from ldmkit.models.mdt import MDT  # noqa: E402
 from ldmkit.models.mmdit import MMDiT, MMDiTImproved  # noqa: E402
 from ldmkit.models.pixart import PixArt  # noqa: E402
 from ldmkit.models.unet import PRESETS, UNet  # noqa: E402
-from ldmkit.sampling import conditions_for, default_control, generate, sample_settings  # noqa: E402
+from ldmkit.sampling import SampleSettings, conditions_for, default_control, generate  # noqa: E402
 from ldmkit.text import build_text_conditioner  # noqa: E402
 from ldmkit.train.checkpoint import load_model, load_weights, model_config, save_checkpoint, save_weights  # noqa: E402
 
@@ -257,7 +257,7 @@ def _ldmkit_samples(run: Path, labels: Optional[list[int]], prompts: Optional[li
     cond, uncond = conditions_for(control, class_ids=None if labels is None else torch.tensor(labels),
                                   prompts=prompts, text=text)
     size = cfg.data.image_size // ae.downsample
-    x = generate(model, cond, (ae.channels, size, size), uncond=uncond, seed=seed, **sample_settings(cfg, model))
+    x = generate(model, cond, (ae.channels, size, size), SampleSettings.from_config(cfg, model), uncond=uncond, seed=seed)
     return x, ae.decode(x).clamp(-1, 1)
 
 

@@ -97,13 +97,13 @@ def test_sfid_fd_dinov2_and_seed_sets_against_numpy(run, inception_file, dinov2_
     from ldmkit.autoencoders import build_autoencoder
     from ldmkit.config import from_dict
     from ldmkit.eval.protocol import condition_maker
-    from ldmkit.sampling import sample_settings
+    from ldmkit.sampling import SampleSettings
     from ldmkit.train.checkpoint import load_model
 
     model, saved = load_model(run)
     cfg = from_dict(saved)
     make_cond, _ = condition_maker(model, 16, 6)
-    settings = {**sample_settings(cfg, model), "steps": 2}
+    settings = SampleSettings.from_config(cfg, model).replace(steps=2)
     single = generate_eval_set(model, tmp_path / "single", 6, 16, (3, 16, 16), settings, make_cond=make_cond,
                                decode=build_autoencoder(cfg.autoencoder).decode, seed=0, chunk=2, progress=False)
     one = np.load(merge_parts(single, tmp_path / "single.npz"))["arr_0"]
@@ -200,14 +200,14 @@ def test_aggregate_seed_sets():
 def test_chunk_features_do_not_depend_on_the_number_of_ranks(run, inception_file, tmp_path):  # noqa: F811
     from ldmkit.config import from_dict
     from ldmkit.eval.protocol import condition_maker
-    from ldmkit.sampling import sample_settings
+    from ldmkit.sampling import SampleSettings
     from ldmkit.train.checkpoint import load_model
 
     model, saved = load_model(run)
     cfg = from_dict(saved)
     make_cond, _ = condition_maker(model, 16, 5)
     common = dict(make_cond=make_cond, decode=lambda x: x, seed=1, chunk=2, progress=False)
-    settings = {**sample_settings(cfg, model), "steps": 2}
+    settings = SampleSettings.from_config(cfg, model).replace(steps=2)
     paths = generate_eval_set(model, tmp_path / "one", 5, 16, (3, 16, 16), settings, **common)
     for rank in (0, 1):
         generate_eval_set(model, tmp_path / "two", 5, 16, (3, 16, 16), settings, rank=rank, world_size=2, **common)

@@ -12,7 +12,7 @@ from ldmkit.cli import main
 from ldmkit.config import load_config
 from ldmkit.eval.inception import INCEPTION_FILE, FIDInceptionV3, InceptionFeatures
 from ldmkit.eval.protocol import condition_maker, generate_eval_set, merge_parts
-from ldmkit.sampling import sample_settings
+from ldmkit.sampling import SampleSettings
 from ldmkit.train.checkpoint import load_model
 from ldmkit.train.trainer import train
 
@@ -103,7 +103,7 @@ def test_eval_set_does_not_depend_on_the_number_of_ranks(run, tmp_path):
     from ldmkit.config import from_dict
 
     cfg = from_dict(saved)
-    settings = {**sample_settings(cfg, model), "steps": 2}
+    settings = SampleSettings.from_config(cfg, model).replace(steps=2)
     make_cond, _ = condition_maker(model, 16, 7)
     common = dict(make_cond=make_cond, decode=lambda x: x, seed=3, chunk=3, progress=False)
     one = generate_eval_set(model, tmp_path / "one", 7, 16, (3, 16, 16), settings, **common)

@@ -7,7 +7,7 @@ import torch
 from ldmkit.conditioning import NULL_CLASS, Conditioning
 from ldmkit.diffusion.guidance import guided_velocity
 from ldmkit.models import build_model
-from ldmkit.sampling import conditions_for, default_control, generate
+from ldmkit.sampling import SampleSettings, conditions_for, default_control, generate
 
 
 def model_and_cond(seed=0):
@@ -90,10 +90,11 @@ def test_text_guidance_needs_the_null_prompt():
 
 def test_generate_noise_depends_on_seed_and_index_only():
     model, cond = model_and_cond(3)
-    a = generate(model, cond, (3, 8, 8), steps=2, guidance=2.0, control_guidance=1.5, batch_size=3)
-    b = generate(model, cond, (3, 8, 8), steps=2, guidance=2.0, control_guidance=1.5, batch_size=2)
+    settings = SampleSettings(steps=2, guidance=2.0, control_guidance=1.5)
+    a = generate(model, cond, (3, 8, 8), settings, batch_size=3)
+    b = generate(model, cond, (3, 8, 8), settings, batch_size=2)
     torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
-    assert not torch.allclose(a, generate(model, cond, (3, 8, 8), steps=2, guidance=2.0, seed=1), atol=1e-3)
+    assert not torch.allclose(a, generate(model, cond, (3, 8, 8), SampleSettings(steps=2, guidance=2.0), seed=1), atol=1e-3)
 
 
 def test_default_control_and_conditions_for():

@@ -10,6 +10,9 @@ from PIL import Image, ImageDraw
 from ldmkit.data.shapes import POSITIONS, SHAPES, DEFAULT_COLOURS, ShapesDataset
 from ldmkit.conditioning import Conditioning
 from ldmkit.eval.shapes import ShapesEvaluator, evaluate_generation, format_report, to_uint8_images
+from ldmkit.sampling import SampleSettings
+
+EULER3 = SampleSettings(sampler="euler", steps=3, guidance=1.0)
 
 N = 600
 
@@ -144,7 +147,7 @@ def test_evaluate_generation_scores_each_class_with_its_own_labels() -> None:
         targets.setdefault(sample["class_id"], sample["image"])
         i += 1
     model = _OracleModel(torch.stack([targets[k] for k in range(ds.num_classes)]))
-    result = evaluate_generation(model, ds, per_class=2, sampler="euler", steps=3, guidance=1.0)
+    result = evaluate_generation(model, ds, per_class=2, settings=EULER3)
     assert result["n"] == 2 * ds.num_classes
     assert result["colour"] == result["shape"] == result["both"] == result["found"] == 1.0
     assert set(result["per_class"]) == set(ds.class_names)
@@ -154,7 +157,7 @@ def test_evaluate_generation_scores_each_class_with_its_own_labels() -> None:
 
     # A model that draws the wrong class everywhere scores zero on shape and colour together.
     shifted = _OracleModel(torch.roll(model.targets, shifts=1 + len(ds.colours), dims=0))
-    wrong = evaluate_generation(shifted, ds, per_class=1, sampler="euler", steps=3, guidance=1.0)
+    wrong = evaluate_generation(shifted, ds, per_class=1, settings=EULER3)
     assert wrong["both"] == 0.0 and wrong["found"] == 1.0
 
 

@@ -11,6 +11,7 @@ from ldmkit.config import ConfigError, load_config
 from ldmkit.data.shapes import ShapesDataset
 from ldmkit.eval.detail import detail_response, high_frequency_energy
 from ldmkit.eval.shapes import ShapesEvaluator, evaluate_flip, to_uint8_images
+from ldmkit.sampling import SampleSettings
 
 # ------------------------------------------------------------------------------------------- detail measure
 
@@ -179,7 +180,7 @@ class _Painter(torch.nn.Module):
 
 def test_flip_measure_tells_a_flip_reading_model_from_one_that_ignores_it():
     ds = ShapesDataset(image_size=24, colours=("red",), shapes=("square",))
-    kw = dict(sampler="euler", steps=4, guidance=1.0)
+    kw = dict(settings=SampleSettings(sampler="euler", steps=4, guidance=1.0))
     reads = evaluate_flip(_Painter(True), ds, _SideText(), **kw)
     assert reads["n"] == 6 and reads["n_response"] == 6  # 1 colour x 1 shape x 6 sided cells
     assert reads["left_right_flip0"] == reads["left_right_flip1"] == reads["flip_response"] == 1.0

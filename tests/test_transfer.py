@@ -245,7 +245,7 @@ def test_finetune_at_twice_the_resolution_from_a_run(tmp_path, capsys):
 def test_ddpm_with_learned_variance_trains_and_samples_from_its_checkpoint(tmp_path, capsys):
     """The DDPM family behind the trainer: hybrid loss, DDIM and ancestral sampling, CLI sampler checks."""
     from ldmkit.cli import main
-    from ldmkit.sampling import generate, sample_settings
+    from ldmkit.sampling import SampleSettings, generate
     from ldmkit.train.checkpoint import load_model
 
     run = tmp_path / "ddpm"
@@ -256,17 +256,17 @@ def test_ddpm_with_learned_variance_trains_and_samples_from_its_checkpoint(tmp_p
     assert result.steps == 2
     model, saved = load_model(run)
     assert model.out_channels == 6
-    settings = sample_settings(from_dict(saved), model)
-    assert settings["diffusion"].learn_sigma and settings["diffusion"].prediction == "v"
+    settings = SampleSettings.from_config(from_dict(saved), model)
+    assert settings.diffusion.learn_sigma and settings.diffusion.prediction == "v"
     classes = torch.tensor([0, 1])
     for sampler in ("ddim", "ancestral"):
-        a = generate(model, classes, (3, 16, 16), **{**settings, "sampler": sampler, "steps": 3})
-        b = generate(model, classes, (3, 16, 16), **{**settings, "sampler": sampler, "steps": 3}, batch_size=1)
+        a = generate(model, classes, (3, 16, 16), settings.replace(sampler=sampler, steps=3))
+        b = generate(model, classes, (3, 16, 16), settings.replace(sampler=sampler, steps=3), batch_size=1)
         assert a.shape == (2, 3, 16, 16) and torch.isfinite(a).all()
         if sampler == "ddim":  # deterministic, and independent of the batch split
             torch.testing.assert_close(a, b)
     with pytest.raises(ValueError, match="flow sampler"):
-        generate(model, classes, (3, 16, 16), **{**settings, "sampler": "heun"})
+        generate(model, classes, (3, 16, 16), settings.replace(sampler="heun"))
     assert main(["sample", "--checkpoint", str(run), "--sampler", "heun", "--num", "1", "--out",
                  str(tmp_path / "x.png")]) != 0
     assert "--sampler heun: this model was trained with diffusion.objective='ddpm'" in capsys.readouterr().err

@@ -457,7 +457,7 @@ def evaluate_checkpoint(cfg, checkpoint: Path, evaluations: list[str], disentang
     from ldmkit.autoencoders import build_autoencoder
     from ldmkit.config import from_dict
     from ldmkit.data import build_dataset
-    from ldmkit.sampling import sample_settings
+    from ldmkit.sampling import SampleSettings
     from ldmkit.train.checkpoint import load_model
     from ldmkit.train.build import pick_device
 
@@ -465,7 +465,7 @@ def evaluate_checkpoint(cfg, checkpoint: Path, evaluations: list[str], disentang
     model, saved = load_model(checkpoint, ema=True, device=device)
     run_cfg = from_dict(saved)  # as trained (resolved values such as resolution_scale), with this arm's sampling
     run_cfg = replace(run_cfg, sample=cfg.sample, eval=cfg.eval)
-    settings = sample_settings(run_cfg, model)
+    settings = SampleSettings.from_config(run_cfg, model)
     s = run_cfg.sample
     control = dict(orig_size=s.orig_size, crop=s.crop, flip=s.flip)
     row: dict[str, Any] = {}
@@ -483,15 +483,15 @@ def evaluate_checkpoint(cfg, checkpoint: Path, evaluations: list[str], disentang
         if "shapes" in evaluations:
             if text is None:
                 r = evaluate_generation(model, dataset, per_class=run_cfg.eval.shapes_per_class, control=control,
-                                        **common, **settings)
+                                        **common, settings=settings)
             else:
                 r = evaluate_captions(model, dataset, text, per_caption=run_cfg.eval.shapes_per_caption,
-                                      control=control, **common, **settings)
+                                      control=control, **common, settings=settings)
             row.update({k: r[k] for k in ("colour", "shape", "position", "left_right", "all", "detail", "n",
                                           "n_left_right") if k in r})
         if "flip" in evaluations:
             r = evaluate_flip(model, dataset, text, per_caption=run_cfg.eval.shapes_per_caption, control=control,
-                              **common, **settings)
+                              **common, settings=settings)
             row.update({k: r[k] for k in ("left_right_flip0", "left_right_flip1", "flip_response")})
             row.update(n_flip=r["n"], n_flip_response=r["n_response"], max_pixel_diff_flip=r["max_pixel_diff"])
     if "disentangle" in evaluations:
@@ -516,10 +516,10 @@ def _final_loss(run_dir: Path) -> dict[str, float]:
     return {"loss": sum(tail) / len(tail)} if tail else {}
 
 
-def _disentangle(cfg, model, checkpoint: Path, num: int, settings: dict[str, Any], device) -> dict[str, Any]:
+def _disentangle(cfg, model, checkpoint: Path, num: int, settings, device) -> dict[str, Any]:
     from ldmkit.eval.disentangle import evaluate_disentanglement
 
-    result, figure = evaluate_disentanglement(model, cfg, num=num, seed=cfg.seed + 11, device=device, **settings)
+    result, figure = evaluate_disentanglement(model, cfg, num=num, seed=cfg.seed + 11, device=device, settings=settings)
     figure.save(Path(checkpoint).parent.parent / "disentangle.png")
     row = {"lpips": result["lpips"], "lpips_hr": result["lpips_hr"], "distance_metric": result["metric"],
            "n_disentangle": result["n"]}

@@ -10,7 +10,7 @@ import sys
 import traceback
 from pathlib import Path
 
-from ldmkit.config import ConfigError, load_config
+from ldmkit.config import SAMPLERS, ConfigError, load_config
 from ldmkit.errors import TrainingDiverged, UserError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
@@ -106,23 +106,21 @@ def pick(value, default):
     return default if value is None else value
 
 
-def _sample_settings(args: argparse.Namespace, cfg, model) -> dict:
-    """The run's sampling settings (``sampling.sample_settings``) with the command-line flags applied."""
-    from ldmkit.sampling import sample_settings
+def _sample_settings(args: argparse.Namespace, cfg, model):
+    """The run's ``SampleSettings`` with the command-line flags applied."""
+    from ldmkit.sampling import SampleSettings
 
-    out = sample_settings(cfg, model)
-    run_shift = cfg.sample.shift
-    out.update(sampler=args.sampler or out["sampler"], steps=pick(args.steps, out["steps"]),
-               guidance=pick(args.guidance, out["guidance"]),
-               control_guidance=pick(args.control_guidance, out["control_guidance"]),
-               interval=tuple(pick(args.interval, out["interval"])), eta=pick(args.eta, out["eta"]))
-    if args.shift is not None:  # --shift replaces sample.shift; a resolution scale still multiplies it
-        out["shift"] = out["shift"] / run_shift * args.shift
-    fits = ("auto", "ddim", "ancestral") if out["diffusion"] is not None else ("auto", "euler", "heun")
-    if out["sampler"] not in fits:
-        raise ConfigError(f"--sampler {out['sampler']}: this model was trained with diffusion.objective="
-                          f"{cfg.diffusion.objective!r}; use one of {fits[1:]}")
-    return out
+    run = SampleSettings.from_config(cfg, model)
+    fits = SAMPLERS["flow" if run.diffusion is None else "ddpm"]
+    if args.sampler is not None and args.sampler not in fits:
+        raise ConfigError(f"--sampler {args.sampler}: this model was trained with diffusion.objective="
+                          f"{cfg.diffusion.objective!r}; use one of {fits}")
+    # --shift replaces sample.shift; a resolution scale still multiplies it
+    shift = run.shift if args.shift is None else run.shift / cfg.sample.shift * args.shift
+    return run.replace(sampler=args.sampler or run.sampler, steps=pick(args.steps, run.steps),
+                       guidance=pick(args.guidance, run.guidance),
+                       control_guidance=pick(args.control_guidance, run.control_guidance),
+                       interval=tuple(pick(args.interval, run.interval)), eta=pick(args.eta, run.eta), shift=shift)
 
 
 def _pair(text: str, what: str) -> tuple[float, float]:
@@ -228,15 +226,15 @@ def cmd_sample(args: argparse.Namespace) -> int:
         what = "every class" if args.cls is None else f"class {names[int(classes[0])]!r}"
     size = cfg.data.image_size // ae.downsample
     settings = _sample_settings(args, cfg, model)
-    x = generate(model, cond, (ae.channels, size, size), uncond=uncond, seed=args.seed, device=device,
-                 progress=True, **settings)
+    x = generate(model, cond, (ae.channels, size, size), settings, uncond=uncond, seed=args.seed, device=device,
+                 progress=True)
     images = to_uint8(ae.decode(x.to(device))).numpy()
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     make_grid(images, ncol=args.ncol or math.ceil(math.sqrt(args.num))).save(out)
     c = _control_settings(args, cfg)
-    print(f"Wrote {args.num} samples ({what}; {settings['sampler']}, {settings['steps']} steps, guidance "
-          f"{settings['guidance']}, control guidance {settings['control_guidance']}; orig_size "
+    print(f"Wrote {args.num} samples ({what}; {settings.resolved().sampler}, {settings.steps} steps, guidance "
+          f"{settings.guidance}, control guidance {settings.control_guidance}; orig_size "
           f"{c['orig_size'] or (cfg.data.image_size,) * 2}, crop {tuple(c['crop'])}, flip {int(c['flip'])}) "
           f"from {ckpt} to {out}")
     return 0
@@ -255,7 +253,7 @@ def cmd_eval_shapes(args: argparse.Namespace) -> int:
     settings = _sample_settings(args, cfg, model)
     text = _text_conditioner(cfg, device)
     common = dict(seed=args.seed, device=device, decode=ae.decode, progress=True,
-                  control=_control_settings(args, cfg), **settings)
+                  control=_control_settings(args, cfg), settings=settings)
     if text is None:
         result = evaluate_generation(model, dataset, per_class=args.per_class, **common)
     else:
@@ -281,7 +279,7 @@ def cmd_eval_disentangle(args: argparse.Namespace) -> int:
     result, figure = evaluate_disentanglement(
         model, cfg, device=device, num=args.num, sizes=args.sizes, seed=args.seed, class_id=class_id,
         prompts=args.prompt, crop=control["crop"], flip=control["flip"], lpips_backbone=args.lpips_backbone,
-        lpips_lin=args.lpips_lin, progress=True, **_sample_settings(args, cfg, model))
+        lpips_lin=args.lpips_lin, progress=True, settings=_sample_settings(args, cfg, model))
     result.update(checkpoint=str(ckpt), ema=not args.no_ema)
     if result["note"]:
         print(f"note: {result['note']}")
@@ -325,7 +323,6 @@ def cmd_eval_fid(args: argparse.Namespace) -> int:
                                       featurize_chunks, generate_eval_set, merge_features, merge_parts,
                                       score_features, seed_set_seed, weights_tag, write_result)
     from ldmkit.model_card import eval_card, write_card
-    from ldmkit.sampling import settings_record
     from ldmkit.train import distributed as D
 
     if args.num_samples < 2:
@@ -352,7 +349,7 @@ def cmd_eval_fid(args: argparse.Namespace) -> int:
             raise ConfigError("--clip: CLIPScore needs a text model (this one is class-conditional)")
         make_cond, conditioning = condition_maker(model, cfg.data.image_size, args.num_samples, text=text,
                                                   captions=captions, control=_control_settings(args, cfg))
-        record = settings_record(settings)
+        record = settings.record()
         num_chunks = (args.num_samples + args.chunk - 1) // args.chunk
         protocol = Protocol(
             num_samples=args.num_samples, seed=args.seed, sampler=record["sampler"], steps=record["steps"],
@@ -608,7 +605,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", required=True, help="checkpoint directory, or a run directory (newest checkpoint)")
-    p.add_argument("--sampler", choices=["euler", "heun", "ddim", "ancestral"],
+    p.add_argument("--sampler", choices=[*SAMPLERS["flow"], *SAMPLERS["ddpm"]],
                    help="default: the run's sample.sampler (flow: euler/heun; ddpm: ddim/ancestral)")
     p.add_argument("--eta", type=_number(float, 0, high=1),
                    help="ddim: 0 deterministic, 1 stochastic (default: sample.ddim_eta)")

@@ -27,6 +27,10 @@ class ConfigError(UserError, ValueError):
     """A configuration key or value that is not valid."""
 
 
+# The samplers of each objective family (``sample.sampler``; ``auto``: heun for flow, ddim for DDPM).
+SAMPLERS: dict[str, tuple[str, ...]] = {"flow": ("euler", "heun"), "ddpm": ("ddim", "ancestral")}
+
+
 # --------------------------------------------------------------------------------------------------
 # Sections
 # --------------------------------------------------------------------------------------------------
@@ -574,7 +578,7 @@ def validate(cfg: Config) -> None:
     need(df.resolution_scale != "auto" or df.base_resolution is not None or cfg.init.from_ is not None,
          "diffusion.resolution_scale", "'auto' needs diffusion.base_resolution or init.from (whose "
          "data.image_size is the base)")
-    flow_samplers, vp_samplers = ("euler", "heun"), ("ddim", "ancestral")
+    flow_samplers, vp_samplers = SAMPLERS["flow"], SAMPLERS["ddpm"]
     if cfg.sample.sampler == "auto":
         pass
     elif df.objective == "ddpm":

@@ -99,16 +99,16 @@ def diffusers_pipeline_problems(model: nn.Module, cfg: Config, latent_shift: flo
 
 def scheduler_for(cfg: Config, model: nn.Module) -> Any:
     """The diffusers scheduler that steps like ldmkit's Euler (flow) or DDIM (DDPM) sampler for this run."""
-    from ldmkit.sampling import sample_settings
+    from ldmkit.sampling import SampleSettings
 
-    settings = sample_settings(cfg, model)
-    if settings["diffusion"] is None:
+    settings = SampleSettings.from_config(cfg, model)
+    if settings.diffusion is None:
         from diffusers import FlowMatchEulerDiscreteScheduler
 
-        return FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=float(settings["shift"]))
+        return FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=float(settings.shift))
     from diffusers import DDIMScheduler
 
-    ddpm = settings["diffusion"]
+    ddpm = settings.diffusion
     prediction = {"eps": "epsilon", "v": "v_prediction", "x0": "sample"}[ddpm.prediction]
     return DDIMScheduler(num_train_timesteps=ddpm.num_steps, trained_betas=ddpm.vp.betas.tolist(),
                          clip_sample=False, set_alpha_to_one=True, steps_offset=0, prediction_type=prediction,
@@ -158,22 +158,22 @@ def class_names(checkpoint: Path, cfg: Config, model: nn.Module) -> list[str]:
 
 
 def _sample_defaults(cfg: Config, model: nn.Module) -> dict[str, Any]:
-    from ldmkit.sampling import sample_settings
+    from ldmkit.sampling import SampleSettings
 
-    s = sample_settings(cfg, model)
-    return {"steps": int(s["steps"]), "guidance": float(s["guidance"]),
-            "control_guidance": float(s["control_guidance"]), "interval": [float(v) for v in s["interval"]],
+    s = SampleSettings.from_config(cfg, model)
+    return {"steps": int(s.steps), "guidance": float(s.guidance), "control_guidance": float(s.control_guidance),
+            "interval": [float(v) for v in s.interval],
             "orig_size": None if cfg.sample.orig_size is None else [float(v) for v in cfg.sample.orig_size],
-            "crop": [float(v) for v in cfg.sample.crop], "flip": bool(cfg.sample.flip), "eta": float(s["eta"])}
+            "crop": [float(v) for v in cfg.sample.crop], "flip": bool(cfg.sample.flip), "eta": float(s.eta)}
 
 
 def _sampler_notes(cfg: Config, model: nn.Module) -> list[str]:
-    from ldmkit.sampling import sample_settings
+    from ldmkit.sampling import SampleSettings
 
-    settings = sample_settings(cfg, model)
-    sampler = settings["sampler"]
-    if sampler == "ddim" and settings["eta"] > 0:
-        return [f"DDIM with eta {settings['eta']} draws its step noise from the pipeline's generator, not from "
+    settings = SampleSettings.from_config(cfg, model)
+    sampler = settings.sampler
+    if sampler == "ddim" and settings.eta > 0:
+        return [f"DDIM with eta {settings.eta} draws its step noise from the pipeline's generator, not from "
                 "ldmkit's per-batch streams: the same distribution, other samples"]
     if sampler == "heun":
         return ["the run samples with Heun; the exported scheduler is Euler on the same grid (diffusers' Heun "

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
 import numpy as np
@@ -11,6 +13,7 @@ from PIL import Image
 from torch import Tensor, nn
 
 from ldmkit.conditioning import Conditioner, Conditioning
+from ldmkit.config import SAMPLERS
 from ldmkit.diffusion.ddpm import DDPM
 from ldmkit.diffusion.guidance import guided_velocity
 from ldmkit.diffusion.samplers import sample_ode
@@ -42,8 +45,8 @@ def conditions_for(control: dict[str, Tensor], *, class_ids: Optional[Tensor] = 
                                           prompts=None if prompts is None else list(prompts))
 
 
-FLOW_SAMPLERS = ("euler", "heun")
-DDPM_SAMPLERS = ("ddim", "ancestral")
+FLOW_SAMPLERS = SAMPLERS["flow"]  # euler, heun
+DDPM_SAMPLERS = SAMPLERS["ddpm"]  # ddim, ancestral
 
 
 def ddpm_for(cfg: Any, model: nn.Module) -> Optional[DDPM]:
@@ -56,53 +59,75 @@ def ddpm_for(cfg: Any, model: nn.Module) -> Optional[DDPM]:
                 learn_sigma=bool(getattr(model, "learn_sigma", False)), resolution_scale=float(d.resolution_scale))
 
 
-def sample_settings(cfg: Any, model: nn.Module) -> dict[str, Any]:
-    """``generate`` keyword arguments from a run config's ``sample`` and ``diffusion`` sections.
+@dataclass(frozen=True)
+class SampleSettings:
+    """How to sample (docs/method.md §5-§6): the sampler and its steps, the guidance scales w_sem and
+    w_ctrl and the interval where they apply, the flow time-grid shift, DDIM's eta, and the DDPM process of
+    a DDPM-trained model (None: flow matching). ``auto`` picks heun for flow, ddim for DDPM."""
 
-    A flow model trained with noise-schedule scaling s samples on a grid shifted by ``sample.shift · s``
-    (shifts compose by multiplication), so that sampling sees the noise levels training saw.
-    """
-    s, d = cfg.sample, cfg.diffusion
-    scale = 1.0 if d.resolution_scale == "auto" else float(d.resolution_scale)  # trainers store the float
-    sampler = s.sampler if s.sampler != "auto" else ("ddim" if d.objective == "ddpm" else "heun")
-    return dict(sampler=sampler, steps=s.steps, guidance=s.guidance, control_guidance=s.control_guidance,
-                interval=tuple(s.guidance_interval), shift=s.shift * (1.0 if d.objective == "ddpm" else scale),
-                eta=s.ddim_eta, diffusion=ddpm_for(cfg, model))
+    sampler: str = "auto"
+    steps: int = 50
+    guidance: float = 4.0  # w_sem (1: no semantic guidance)
+    control_guidance: float = 1.0  # w_ctrl (1: ordinary guidance, two branches)
+    interval: tuple[float, float] = (0.0, 1.0)  # guide only for t in [lo, hi] (t = 1 noise)
+    shift: float = 1.0  # flow: t' = s t / (1 + (s - 1) t)
+    eta: float = 0.0  # ddim: 0 deterministic
+    diffusion: Optional[DDPM] = None
 
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "interval", tuple(self.interval))
+        family = "flow" if self.diffusion is None else "ddpm"
+        if self.sampler != "auto" and self.sampler not in SAMPLERS[family]:
+            if family == "flow":
+                raise ValueError(f"sampler {self.sampler!r} needs a DDPM process (diffusion=...); flow models "
+                                 f"sample with {SAMPLERS['flow']}")
+            raise ValueError(f"sampler {self.sampler!r} is a flow sampler; DDPM models sample with "
+                             f"{SAMPLERS['ddpm']}")
 
-def settings_record(settings: dict[str, Any]) -> dict[str, Any]:
-    """``generate`` keyword arguments as JSON-ready values (the DDPM process by its parameters)."""
-    out: dict[str, Any] = {}
-    for k, v in settings.items():
-        if isinstance(v, DDPM):
-            v = {"schedule": v.schedule, "num_steps": v.num_steps, "prediction": v.prediction,
-                 "learn_sigma": v.learn_sigma, "resolution_scale": v.resolution_scale}
-        out[k] = list(v) if isinstance(v, tuple) else v
-    return out
+    @classmethod
+    def from_config(cls, cfg: Any, model: nn.Module) -> "SampleSettings":
+        """A run config's ``sample`` and ``diffusion`` sections. A flow model trained with noise-schedule
+        scaling s samples on a grid shifted by ``sample.shift · s`` (shifts compose by multiplication), so
+        that sampling sees the noise levels training saw."""
+        s, d = cfg.sample, cfg.diffusion
+        scale = 1.0 if d.resolution_scale == "auto" else float(d.resolution_scale)  # trainers store the float
+        return cls(sampler=s.sampler, steps=s.steps, guidance=s.guidance, control_guidance=s.control_guidance,
+                   interval=tuple(s.guidance_interval), shift=s.shift * (1.0 if d.objective == "ddpm" else scale),
+                   eta=s.ddim_eta, diffusion=ddpm_for(cfg, model)).resolved()
+
+    def resolved(self) -> "SampleSettings":
+        """The same settings with ``auto`` replaced by the sampler it means."""
+        if self.sampler != "auto":
+            return self
+        return self.replace(sampler="heun" if self.diffusion is None else "ddim")
+
+    def replace(self, **changes: Any) -> "SampleSettings":
+        return dataclasses.replace(self, **changes)
+
+    def record(self) -> dict[str, Any]:
+        """JSON-ready values (the DDPM process by its parameters)."""
+        d = self.diffusion
+        return {"sampler": self.resolved().sampler, "steps": self.steps, "guidance": self.guidance,
+                "control_guidance": self.control_guidance, "interval": list(self.interval), "shift": self.shift,
+                "eta": self.eta,
+                "diffusion": None if d is None else {"schedule": d.schedule, "num_steps": d.num_steps,
+                                                     "prediction": d.prediction, "learn_sigma": d.learn_sigma,
+                                                     "resolution_scale": d.resolution_scale}}
 
 
 @torch.no_grad()
-def generate(model: nn.Module, cond: Conditioning | Tensor, shape: tuple[int, int, int], *,
-             uncond: Optional[Conditioning] = None, sampler: str = "auto", steps: int = 50,
-             guidance: float = 4.0, control_guidance: float = 1.0, interval: tuple[float, float] = (0.0, 1.0),
-             shift: float = 1.0, seed: int = 0, batch_size: int = 256, device: torch.device | str = "cpu",
-             progress: bool = False, diffusion: Optional[DDPM] = None, eta: float = 0.0) -> Tensor:
-    """Sample one image per row of ``cond``; returns (N, C, H, W) in the model's space (pixels: [-1, 1]).
+def generate(model: nn.Module, cond: Conditioning | Tensor, shape: tuple[int, int, int],
+             settings: Optional[SampleSettings] = None, *, uncond: Optional[Conditioning] = None, seed: int = 0,
+             batch_size: int = 256, device: torch.device | str = "cpu", progress: bool = False) -> Tensor:
+    """Sample one image per row of ``cond`` with ``settings``; returns (N, C, H, W) in the model's space
+    (pixels: [-1, 1]).
 
     ``cond`` is a ``Conditioning`` (or, for a class-conditional model, a tensor of class ids); ``uncond``
     its semantic-null version (required for text: the encoded empty prompt; class ids default to the
-    null class). ``guidance`` is w_sem and ``control_guidance`` w_ctrl (``ldmkit.diffusion.guidance``).
-    Flow models (``diffusion=None``) sample with ``euler`` / ``heun`` on a grid shifted by ``shift``;
-    DDPM models pass their ``DDPM`` process and sample with ``ddim`` (``eta``) or ``ancestral``.
-    ``auto`` picks heun or ddim. The starting noise of sample i depends only on (seed, i), not on the
-    batch size or device.
+    null class). The starting noise of sample i depends only on (seed, i), not on the batch size or device.
     """
-    if sampler == "auto":
-        sampler = "heun" if diffusion is None else "ddim"
-    if diffusion is None and sampler not in FLOW_SAMPLERS:
-        raise ValueError(f"sampler {sampler!r} needs a DDPM process (diffusion=...); flow models use {FLOW_SAMPLERS}")
-    if diffusion is not None and sampler not in DDPM_SAMPLERS:
-        raise ValueError(f"sampler {sampler!r} is a flow sampler; DDPM models use {DDPM_SAMPLERS}")
+    settings = (settings or SampleSettings()).resolved()
+    sampler, diffusion = settings.sampler, settings.diffusion
     if isinstance(cond, Tensor):
         cond = Conditioning(class_ids=cond)
     n = cond.batch_size
@@ -118,17 +143,18 @@ def generate(model: nn.Module, cond: Conditioning | Tensor, shape: tuple[int, in
         c = cond.index(rows).to(device)
         u = None if uncond is None else uncond.index(rows).to(device)
         # Guidance combines the prediction channels; a learned variance comes from the conditional branch.
-        fn = guided_velocity(model, c, guidance, interval, control_guidance=control_guidance, uncond=u,
-                             guided_channels=shape[0])
+        fn = guided_velocity(model, c, settings.guidance, settings.interval,
+                             control_guidance=settings.control_guidance, uncond=u, guided_channels=shape[0])
         x0 = noise[rows].to(device)
         # Stochastic samplers draw their per-step noise from a generator of (seed, first row).
         g_rows = torch.Generator(device=x0.device).manual_seed(seed * 1_000_003 + start)
         if sampler == "ddim":
-            x = diffusion.sample_ddim(fn, x0, steps=steps, eta=eta, progress=progress, generator=g_rows)
+            x = diffusion.sample_ddim(fn, x0, steps=settings.steps, eta=settings.eta, progress=progress,
+                                      generator=g_rows)
         elif sampler == "ancestral":
-            x = diffusion.sample_ancestral(fn, x0, steps=steps, progress=progress, generator=g_rows)
+            x = diffusion.sample_ancestral(fn, x0, steps=settings.steps, progress=progress, generator=g_rows)
         else:
-            x = sample_ode(fn, x0, steps=steps, method=sampler, shift=shift, progress=progress)
+            x = sample_ode(fn, x0, steps=settings.steps, method=sampler, shift=settings.shift, progress=progress)
         out.append(x.float().cpu())
     model.train(was_training)
     return torch.cat(out)

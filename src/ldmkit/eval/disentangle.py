@@ -136,10 +136,10 @@ def scaled_sizes(image_size: int, sizes: Sequence[int] = DEFAULT_SIZES, base: in
 def generate_across_sizes(model: torch.nn.Module, cond, shape: tuple[int, int, int], sizes: Sequence[int], *,
                           uncond=None, decode: Callable[[Tensor], Tensor] | None = None, seed: int = 0,
                           device: torch.device | str = "cpu", batch_size: int = 256, progress: bool = False,
-                          **sample_kwargs: Any) -> dict[int, Tensor]:
+                          settings: Any = None) -> dict[int, Tensor]:
     """One image per row of ``cond`` and per size condition, from the same noise (``seed``) and the same
     semantic condition: only ``control["orig_size"]`` changes, to (s, s). Returns size -> (N, 3, H, W)
-    images in [-1, 1] (decoded with ``decode`` when given). ``sample_kwargs`` go to ``generate``."""
+    images in [-1, 1] (decoded with ``decode`` when given), sampled with ``settings`` (a ``SampleSettings``)."""
     from dataclasses import replace
 
     from ldmkit.sampling import generate
@@ -153,8 +153,8 @@ def generate_across_sizes(model: torch.nn.Module, cond, shape: tuple[int, int, i
 
     images = {}
     for s in sizes:
-        x = generate(model, at_size(cond, s), shape, uncond=at_size(uncond, s), seed=seed, device=device,
-                     batch_size=batch_size, progress=progress, **sample_kwargs)
+        x = generate(model, at_size(cond, s), shape, settings, uncond=at_size(uncond, s), seed=seed, device=device,
+                     batch_size=batch_size, progress=progress)
         if decode is not None:
             x = torch.cat([decode(x[i : i + batch_size].to(device)).float().cpu()
                            for i in range(0, x.shape[0], batch_size)])
@@ -166,7 +166,7 @@ def evaluate_disentanglement(model: torch.nn.Module, cfg, *, device: torch.devic
                              sizes: Sequence[int] | None = None, seed: int = 0, class_id: int | None = None,
                              prompts: Sequence[str] | None = None, crop: Sequence[float] = (0.0, 0.0),
                              flip: bool = False, lpips_backbone: str | None = None, lpips_lin: str | None = None,
-                             progress: bool = False, **sample_kwargs: Any):
+                             progress: bool = False, settings: Any = None):
     """The disentanglement score of a trained model (its run config ``cfg``): ``num`` samples (classes
     cycling, or ``class_id``; text models: ``prompts``, by default every shapes caption), each generated at
     every size condition from the same noise. Returns (result dict, PIL figure with one row per sample and
@@ -175,7 +175,7 @@ def evaluate_disentanglement(model: torch.nn.Module, cfg, *, device: torch.devic
     from ldmkit.autoencoders import build_autoencoder, to_uint8
     from ldmkit.data import build_dataset
     from ldmkit.eval.lpips import perceptual_distance
-    from ldmkit.sampling import conditions_for, default_control, make_grid, settings_record
+    from ldmkit.sampling import SampleSettings, conditions_for, default_control, make_grid
 
     dataset = build_dataset(cfg.data, seed=cfg.seed)
     ae = build_autoencoder(cfg.autoencoder, device=device)
@@ -203,13 +203,13 @@ def evaluate_disentanglement(model: torch.nn.Module, cfg, *, device: torch.devic
     metric, note = perceptual_distance(backbone_path=lpips_backbone, lin_path=lpips_lin, device=device)
     latent = (ae.channels, size // ae.downsample, size // ae.downsample)
     images = generate_across_sizes(model, cond, latent, sizes, uncond=uncond, decode=ae.decode, seed=seed,
-                                   device=device, progress=progress, **sample_kwargs)
+                                   device=device, progress=progress, settings=settings)
     result = pairwise_scores(images, metric, hr_sizes=hr, batch_size=64)
     from ldmkit.eval.detail import detail_response
 
     result["detail"] = detail_response(images)  # does the size condition control low-level detail?
     result.update(metric=metric.name, note=note, hr_sizes=hr, paper_sizes=list(DEFAULT_SIZES), settings={
-        **settings_record(sample_kwargs),
+        **(settings or SampleSettings()).record(),
         "seed": seed, "num": num, "crop": list(crop), "flip": bool(flip)})
     if cfg.data.name == "shapes":
         from ldmkit.eval.shapes import ShapesEvaluator, to_uint8_images

@@ -18,25 +18,25 @@ from torch import nn
 from ldmkit.autoencoders import to_uint8
 from ldmkit.conditioning import Conditioner, Conditioning
 from ldmkit.config import Config
-from ldmkit.sampling import default_control, generate, make_grid, sample_settings
+from ldmkit.sampling import SampleSettings, default_control, generate, make_grid
 
 
 def sample_images(model: nn.Module, cond: Conditioning, uncond: Optional[Conditioning],
-                  latent_shape: tuple[int, int, int], decode: Callable, settings: dict[str, Any], *, seed: int,
+                  latent_shape: tuple[int, int, int], decode: Callable, settings: SampleSettings, *, seed: int,
                   device: torch.device, progress: bool = False) -> np.ndarray:
     """Guided samples of ``cond``, decoded: (N, H, W, 3) uint8."""
-    x = generate(model, cond, latent_shape, uncond=uncond, seed=seed, device=device, progress=progress, **settings)
+    x = generate(model, cond, latent_shape, settings, uncond=uncond, seed=seed, device=device, progress=progress)
     return to_uint8(decode(x.to(device))).numpy()
 
 
 def shapes_accuracy(model: nn.Module, dataset: Any, text: Any, *, decode: Callable, device: torch.device,
-                    settings: dict[str, Any], control: dict[str, Any], seed: int, per_class: int,
+                    settings: SampleSettings, control: dict[str, Any], seed: int, per_class: int,
                     per_caption: int, progress: bool = False) -> dict[str, Any]:
     """Colour/shape (and position) accuracy of a model trained on ``shapes``: per class for class models,
     per caption for text models (``text`` is their ``TextConditioner``)."""
     from ldmkit.eval.shapes import evaluate_captions, evaluate_generation
 
-    common = dict(control=control, seed=seed, device=device, decode=decode, progress=progress, **settings)
+    common = dict(control=control, seed=seed, device=device, decode=decode, progress=progress, settings=settings)
     if text is None:
         return evaluate_generation(model, dataset, per_class=per_class, **common)
     return evaluate_captions(model, dataset, text, per_caption=per_caption, **common)
@@ -73,8 +73,8 @@ class RunEvaluator:
     def text(self):
         return self.conditioner.text
 
-    def settings(self, model: nn.Module) -> dict[str, Any]:
-        return sample_settings(self.cfg, model)
+    def settings(self, model: nn.Module) -> SampleSettings:
+        return SampleSettings.from_config(self.cfg, model)
 
     def _control(self) -> dict[str, Any]:
         s = self.cfg.sample

@@ -96,7 +96,7 @@ def _decoded_uint8(x: torch.Tensor, decode: Callable[[torch.Tensor], torch.Tenso
 
 
 def generate_eval_set(model: nn.Module, out_dir: str | Path, num_samples: int, image_size: int,
-                      latent_shape: tuple[int, int, int], settings: dict[str, Any], *,
+                      latent_shape: tuple[int, int, int], settings: Any, *,
                       make_cond: Callable[[int, int], tuple[Any, Any, np.ndarray]],
                       decode: Callable[[torch.Tensor], torch.Tensor], seed: int = 0, chunk: int = 1000,
                       batch_size: int = 250, device: torch.device | str = "cpu", rank: int = 0,
@@ -104,7 +104,7 @@ def generate_eval_set(model: nn.Module, out_dir: str | Path, num_samples: int, i
     """Write this rank's missing chunks of the evaluation set; returns every chunk path (all ranks').
 
     ``make_cond(start, stop)`` gives ``(cond, uncond, labels)`` for samples ``start..stop-1``;
-    ``settings`` are ``generate`` keyword arguments (sampler, steps, guidance, ...).
+    ``settings`` is the ``SampleSettings`` of every sample.
     """
     from ldmkit.sampling import generate
 
@@ -119,8 +119,8 @@ def generate_eval_set(model: nn.Module, out_dir: str | Path, num_samples: int, i
     for c in todo:
         start, stop = c * chunk, min(num_samples, (c + 1) * chunk)
         cond, uncond, labels = make_cond(start, stop)
-        x = generate(model, cond, latent_shape, uncond=uncond, seed=seed + c, batch_size=batch_size,
-                     device=device, **settings)
+        x = generate(model, cond, latent_shape, settings, uncond=uncond, seed=seed + c, batch_size=batch_size,
+                     device=device)
         images = _decoded_uint8(x, decode, batch_size, device)
         if images.shape[1:3] != (image_size, image_size):
             raise ValueError(f"generated images are {images.shape[1:3]}, expected {image_size}x{image_size}")
@@ -407,14 +407,14 @@ def write_result(out_dir: Path, metrics: dict[str, Any], protocol: Protocol, che
 
 def fid_of_model(model: nn.Module, reference: FeatureStats, inception: Any, num_samples: int, *,
                  make_cond: Callable[[int, int], tuple[Any, Any, np.ndarray]], latent_shape: tuple[int, int, int],
-                 decode: Callable[[torch.Tensor], torch.Tensor], settings: dict[str, Any], seed: int,
+                 decode: Callable[[torch.Tensor], torch.Tensor], settings: Any, seed: int,
                  batch_size: int = 250, device: torch.device | str = "cpu") -> float:
     """FID of ``num_samples`` fresh samples against ``reference`` in memory (training-time evaluation)."""
     from ldmkit.sampling import generate
 
     cond, uncond, _ = make_cond(0, num_samples)
-    x = generate(model, cond, latent_shape, uncond=uncond, seed=seed, batch_size=batch_size, device=device,
-                 **settings)
+    x = generate(model, cond, latent_shape, settings, uncond=uncond, seed=seed, batch_size=batch_size,
+                 device=device)
     images = _decoded_uint8(x, decode, batch_size, device)
     return stats_from_features(inception.extract(images)).frechet_distance(reference)
 

@@ -235,20 +235,32 @@ class ShapesEvaluator:
 # ---------------------------------------------------------------------------- generation scoring
 
 
+def _sample(model: torch.nn.Module, cond: Any, uncond: Any, latent_shape: tuple[int, int, int], settings: Any,
+            seed: int, batch_size: int, device: torch.device | str, progress: bool,
+            decode: Callable[[torch.Tensor], torch.Tensor] | None) -> np.ndarray:
+    """Samples of ``cond`` with ``settings`` (a ``SampleSettings``; default: its defaults), decoded to uint8."""
+    from ldmkit.sampling import generate
+
+    x = generate(model, cond, latent_shape, settings, uncond=uncond, seed=seed, batch_size=batch_size,
+                 device=device, progress=progress)
+    return _decode(x, decode, batch_size, device)
+
+
+def _record(settings: Any) -> dict[str, Any]:
+    from ldmkit.sampling import SampleSettings
+
+    record = (settings or SampleSettings()).record()
+    record.pop("diffusion")
+    return record
+
+
 @torch.no_grad()
 def evaluate_generation(
     model: torch.nn.Module,
     dataset: ShapesDataset,
     *,
     per_class: int = 16,
-    sampler: str = "heun",
-    steps: int = 50,
-    guidance: float = 4.0,
-    control_guidance: float = 1.0,
-    interval: tuple[float, float] = (0.0, 1.0),
-    shift: float = 1.0,
-    diffusion: Any = None,
-    eta: float = 0.0,
+    settings: Any = None,
     seed: int = 0,
     device: torch.device | str = "cpu",
     decode: Callable[[torch.Tensor], torch.Tensor] | None = None,
@@ -269,17 +281,14 @@ def evaluate_generation(
     per-class breakdown, how often each position was drawn, ``detail`` (the samples' mean high-frequency
     energy, ``ldmkit.eval.detail``) and the sampling settings (JSON-ready).
     """
-    from ldmkit.sampling import conditions_for, default_control, generate  # lazy: no model code needed above
+    from ldmkit.sampling import conditions_for, default_control  # lazy: no model code needed above
 
     if per_class < 1:
         raise ValueError(f"evaluate_generation: per_class must be >= 1, got {per_class}")
     latent_shape = _latent_shape(model, dataset, latent_shape)
     classes = torch.arange(dataset.num_classes).repeat_interleave(per_class)  # (N,) class-major
     cond, _ = conditions_for(default_control(len(classes), dataset.image_size, **(control or {})), class_ids=classes)
-    x = generate(model, cond, latent_shape, sampler=sampler, steps=steps, guidance=guidance,
-                 control_guidance=control_guidance, interval=interval, shift=shift, seed=seed,
-                 batch_size=batch_size, device=device, progress=progress, diffusion=diffusion, eta=eta)
-    images = _decode(x, decode, batch_size, device)
+    images = _sample(model, cond, None, latent_shape, settings, seed, batch_size, device, progress, decode)
 
     wanted = [dataset.colour_shape_of(int(k)) for k in classes]
     colours = [c for c, _ in wanted]
@@ -300,11 +309,8 @@ def evaluate_generation(
     found_positions = [r["position"] for r in results if r["found"]]
     result["positions"] = {p: found_positions.count(p) for p in POSITIONS}
     result["detail"] = _detail(images)
-    result["settings"] = {
-        "per_class": per_class, "sampler": sampler, "steps": steps, "guidance": guidance,
-        "control_guidance": control_guidance, "interval": list(interval), "shift": shift, "seed": seed,
-        "image_size": int(images.shape[1]), "control": _plain(control),
-    }
+    result["settings"] = {"per_class": per_class, **_record(settings), "seed": seed,
+                          "image_size": int(images.shape[1]), "control": _plain(control)}
     return result
 
 
@@ -323,14 +329,7 @@ def evaluate_captions(
     *,
     per_caption: int = 2,
     captions: Sequence[tuple[str, str, str, str]] | None = None,
-    sampler: str = "heun",
-    steps: int = 50,
-    guidance: float = 4.0,
-    control_guidance: float = 1.0,
-    interval: tuple[float, float] = (0.0, 1.0),
-    shift: float = 1.0,
-    diffusion: Any = None,
-    eta: float = 0.0,
+    settings: Any = None,
     seed: int = 0,
     device: torch.device | str = "cpu",
     decode: Callable[[torch.Tensor], torch.Tensor] | None = None,
@@ -347,7 +346,7 @@ def evaluate_captions(
     default ``flip = 0`` a position named "left" must appear on the left. Also returns ``left_right`` (over
     the ``n_left_right`` samples whose caption names a side), ``all`` and ``detail`` (as ``evaluate_generation``).
     """
-    from ldmkit.sampling import conditions_for, default_control, generate
+    from ldmkit.sampling import conditions_for, default_control
 
     if per_caption < 1:
         raise ValueError(f"evaluate_captions: per_caption must be >= 1, got {per_caption}")
@@ -356,10 +355,7 @@ def evaluate_captions(
     prompts = [c for c, _, _, _ in items]
     cond, uncond = conditions_for(default_control(len(items), dataset.image_size, **(control or {})),
                                   prompts=prompts, text=text)
-    x = generate(model, cond, latent_shape, uncond=uncond, sampler=sampler, steps=steps, guidance=guidance,
-                 control_guidance=control_guidance, interval=interval, shift=shift, seed=seed,
-                 batch_size=batch_size, device=device, progress=progress, diffusion=diffusion, eta=eta)
-    images = _decode(x, decode, batch_size, device)
+    images = _sample(model, cond, uncond, latent_shape, settings, seed, batch_size, device, progress, decode)
     evaluator = ShapesEvaluator(colours=dataset.colours, shapes=dataset.shapes)
     results = evaluator.analyze(images)
     colours, shapes, positions = ([it[k] for it in items] for k in (1, 2, 3))
@@ -373,12 +369,9 @@ def evaluate_captions(
                                           for r, p in sided])) if sided else 0.0
     result["n_left_right"] = len(sided)
     result["detail"] = _detail(images)
-    result["settings"] = {
-        "per_caption": per_caption, "captions": len(items) // per_caption, "sampler": sampler, "steps": steps,
-        "guidance": guidance, "control_guidance": control_guidance, "interval": list(interval), "shift": shift,
-        "seed": seed, "image_size": int(images.shape[1]), "control": _plain(control),
-        "text_encoder": getattr(getattr(text, "encoder", None), "name", None),
-    }
+    result["settings"] = {"per_caption": per_caption, "captions": len(items) // per_caption, **_record(settings),
+                          "seed": seed, "image_size": int(images.shape[1]), "control": _plain(control),
+                          "text_encoder": getattr(getattr(text, "encoder", None), "name", None)}
     return result
 
 
@@ -405,7 +398,7 @@ def evaluate_flip(
     batch_size: int = 256,
     progress: bool = False,
     control: dict[str, Any] | None = None,
-    **sample_kwargs: Any,
+    settings: Any = None,
 ) -> dict[str, Any]:
     """Does the flip condition steer left/right (claim C6)? Every caption naming a side is sampled twice from
     the SAME noise, with flip = 0 and flip = 1 (other control values from ``control``).
@@ -418,7 +411,7 @@ def evaluate_flip(
     |difference| of the two images, uint8 levels), ``n`` (samples per flip value) and ``n_response`` (samples
     read on a side at flip 0).
     """
-    from ldmkit.sampling import conditions_for, default_control, generate
+    from ldmkit.sampling import conditions_for, default_control
 
     if per_caption < 1:
         raise ValueError(f"evaluate_flip: per_caption must be >= 1, got {per_caption}")
@@ -427,14 +420,14 @@ def evaluate_flip(
     prompts = [c for c, *_ in items]
     sides = [side_of(it[3]) for it in items]
     evaluator = ShapesEvaluator(colours=dataset.colours, shapes=dataset.shapes)
-    settings = {k: v for k, v in (control or {}).items() if k != "flip"}
+    fixed_control = {k: v for k, v in (control or {}).items() if k != "flip"}
     images, reads = {}, {}
     for flip in (0, 1):
-        cond, uncond = conditions_for(default_control(len(items), dataset.image_size, **settings, flip=bool(flip)),
+        cond, uncond = conditions_for(default_control(len(items), dataset.image_size, **fixed_control,
+                                                      flip=bool(flip)),
                                       prompts=prompts, text=text)
-        x = generate(model, cond, latent_shape, uncond=uncond, seed=seed, batch_size=batch_size, device=device,
-                     progress=progress, **sample_kwargs)
-        images[flip] = _decode(x, decode, batch_size, device)
+        images[flip] = _sample(model, cond, uncond, latent_shape, settings, seed, batch_size, device, progress,
+                               decode)
         reads[flip] = [side_of(r["position"]) if r["found"] else None for r in evaluator.analyze(images[flip])]
     n = len(items)
     ok0 = [r == s for r, s in zip(reads[0], sides)]
@@ -449,9 +442,8 @@ def evaluate_flip(
         "max_pixel_diff": int(diff.max()) if diff.size else 0,
         "n": n,
         "n_response": len(response),
-        "settings": {"per_caption": per_caption, "seed": seed, "control": _plain(settings),
-                     **{k: (list(v) if isinstance(v, tuple) else v) for k, v in sample_kwargs.items()
-                        if isinstance(v, (int, float, str, tuple))}},
+        "settings": {"per_caption": per_caption, "seed": seed, "control": _plain(fixed_control),
+                     **_record(settings)},
     }
 
 
