@@ -682,12 +682,8 @@ def sample_ddim(model_fn: SampleModelFn, noise: Tensor, schedule: VPSchedule, st
     is drawn from ``generator`` at every step (diffusers' order).
     """
     sched = schedule if steps is None else respace(schedule, steps, spacing)
-    x = noise
-    for i in tqdm(range(len(sched) - 1, -1, -1), desc="sampling (ddim)", disable=not progress, leave=False):
-        out = _call(model_fn, x, sched, i)
-        z = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype) if eta > 0 else None
-        x, _ = ddim_step(sched, out, x, i, prediction, eta, z, clip_denoised)
-    return x
+    return _reverse_loop(model_fn, noise, sched, "ddim", progress, generator, lambda i: eta > 0,
+                         lambda out, x, i, z: ddim_step(sched, out, x, i, prediction, eta, z, clip_denoised)[0])
 
 
 @torch.no_grad()
@@ -703,9 +699,18 @@ def sample_ancestral(model_fn: SampleModelFn, noise: Tensor, schedule: VPSchedul
     if variance not in VARIANCES:
         raise ValueError(f"variance must be one of {VARIANCES}, got {variance!r}")
     sched = schedule if steps is None else respace(schedule, steps, spacing)
+    return _reverse_loop(model_fn, noise, sched, "ddpm", progress, generator, lambda i: i > 0,
+                         lambda out, x, i, z: ancestral_step(sched, out, x, i, prediction, variance, z,
+                                                             clip_denoised)[0])
+
+
+def _reverse_loop(model_fn: SampleModelFn, noise: Tensor, sched: VPSchedule, name: str, progress: bool,
+                  generator: torch.Generator | None, needs_noise, step) -> Tensor:
+    """Walk the (respaced) schedule from its last entry to 0: call the model, draw the step's noise from
+    ``generator`` where ``needs_noise(i)`` (diffusers' order), and apply ``step(out, x, i, z)``."""
     x = noise
-    for i in tqdm(range(len(sched) - 1, -1, -1), desc="sampling (ddpm)", disable=not progress, leave=False):
+    for i in tqdm(range(len(sched) - 1, -1, -1), desc=f"sampling ({name})", disable=not progress, leave=False):
         out = _call(model_fn, x, sched, i)
-        z = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype) if i > 0 else None
-        x, _ = ancestral_step(sched, out, x, i, prediction, variance, z, clip_denoised)
+        z = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype) if needs_noise(i) else None
+        x = step(out, x, i, z)
     return x
