@@ -179,3 +179,21 @@ class StepWindow:
                 record[f"loss_t{LOSS_BINS[i]:.2f}-{LOSS_BINS[i + 1]:.2f}"] = (bins[0, i] / bins[1, i]).item()
         self.reset()
         return record
+
+
+def print_summary(run_dir: Path, steps: int, skipped: int, elapsed: float, checkpoint: Path, grid: Optional[Path],
+                  curves: Optional[Path], shapes: Optional[dict[str, Any]], prompt: Optional[str]) -> None:
+    """What a finished run says: where its samples, checkpoint and metrics are, its shapes accuracy, and
+    how to sample more (``prompt``: a text model's example prompt; None for class models)."""
+    print(f"\nDone: {steps} steps, {elapsed / 60:.1f} min of training"
+          + (f", {skipped} non-finite steps skipped" if skipped else ""))
+    print(f"  samples:     {grid}")
+    print(f"  checkpoint:  {checkpoint}")
+    print(f"  metrics:     {run_dir / 'metrics.jsonl'}" + (f" (curves: {curves})" if curves else ""))
+    if shapes is not None:
+        position = f", position {100 * shapes['position']:.1f}%" if "position" in shapes else ""
+        print(f"  shapes eval: colour {100 * shapes['colour']:.1f}%, shape {100 * shapes['shape']:.1f}%"
+              f"{position}, both {100 * shapes['both']:.1f}% over {shapes['n']} EMA samples "
+              f"-> {run_dir / 'eval_shapes.json'}")
+    what = "--class 0" if prompt is None else f"--prompt {prompt!r}"
+    print(f"Sample more:   ldmkit sample --checkpoint {run_dir} {what} --num 16 --out grid.png")

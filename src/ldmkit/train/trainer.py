@@ -40,7 +40,7 @@ from ldmkit.train.metrics import read_metrics
 from ldmkit.train.run_dir import create_run_dir, plan_run_on_rank0
 from ldmkit.train.state import TrainState
 from ldmkit.train.step import TrainStep, lr_at
-from ldmkit.train.telemetry import StepWindow, Telemetry, peak_tflops
+from ldmkit.train.telemetry import StepWindow, Telemetry, peak_tflops, print_summary
 
 # Re-exported: the names callers have imported from here.
 __all__ = ["RunDirError", "TrainResult", "Trainer", "TrainingDiverged", "lr_at", "pick_device", "train"]
@@ -303,7 +303,9 @@ class Trainer:
                 curves = plot_metrics(self.run_dir)
             except ImportError:
                 pass
-            self._report(elapsed, last_ckpt, grid, curves, result)
+            prompt = None if self.text is None else next(iter(self.evaluator.grid_prompts()), "a prompt")
+            print_summary(self.run_dir, self.step, self.skipped_steps, elapsed, last_ckpt, grid, curves, result,
+                          prompt)
         self._close()
         return TrainResult(self.run_dir, last_ckpt, self.step, grid, result)
 
@@ -373,25 +375,6 @@ class Trainer:
             self.text.encoder.save_cache(cache)
         if self.telemetry is not None:
             self.telemetry.close()
-
-    def _report(self, elapsed: float, ckpt: Path, grid: Optional[Path], curves: Optional[Path],
-                result: Optional[dict[str, Any]]) -> None:
-        print(f"\nDone: {self.step} steps, {elapsed / 60:.1f} min of training"
-              + (f", {self.skipped_steps} non-finite steps skipped" if self.skipped_steps else ""))
-        print(f"  samples:     {grid}")
-        print(f"  checkpoint:  {ckpt}")
-        print(f"  metrics:     {self.run_dir / 'metrics.jsonl'}" + (f" (curves: {curves})" if curves else ""))
-        if result is not None:
-            position = f", position {100 * result['position']:.1f}%" if "position" in result else ""
-            print(f"  shapes eval: colour {100 * result['colour']:.1f}%, shape {100 * result['shape']:.1f}%"
-                  f"{position}, both {100 * result['both']:.1f}% over {result['n']} EMA samples "
-                  f"-> {self.run_dir / 'eval_shapes.json'}")
-        if self.text is None:
-            print(f"Sample more:   ldmkit sample --checkpoint {self.run_dir} --class 0 --num 16 --out grid.png")
-        else:
-            prompt = next(iter(self.evaluator.grid_prompts()), "a prompt")
-            print(f"Sample more:   ldmkit sample --checkpoint {self.run_dir} --prompt {prompt!r} --num 16 "
-                  "--out grid.png")
 
 
 def _eval_record(result: dict[str, Any]) -> dict[str, Any]:
