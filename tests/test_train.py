@@ -224,3 +224,22 @@ def test_prefetch_keeps_the_order_raises_where_the_bad_batch_is_taken_and_stops_
     gc.collect()
     reader.join(timeout=5)
     assert not reader.is_alive()  # the reader thread ended with its iterator
+
+
+def test_read_ahead_gives_the_same_batches_and_is_used_only_where_it_frees_cores(tmp_path):
+    from ldmkit.train import distributed as D
+    from ldmkit.train.build import build_training_data, reads_ahead, training_batches
+
+    cfg = tiny_config(tmp_path / "run")
+    dist = D.Dist()
+    dataset = build_training_data(cfg, dist)
+    plain = training_batches(dataset, cfg, dist, 4, position=6)
+    ahead = training_batches(dataset, cfg, dist, 4, position=6, read_ahead=True)
+    for a, b in itertools.islice(zip(plain, ahead), 5):
+        assert torch.equal(a.images, b.images) and a.captions == b.captions and a.ground_truth == b.ground_truth
+        assert torch.equal(a.cond.class_ids, b.cond.class_ids) and a.cond.control.keys() == b.cond.control.keys()
+        assert all(torch.equal(a.cond.control[k], b.cond.control[k]) for k in a.cond.control)
+    assert not reads_ahead(cfg, torch.device("cpu"))  # the step already uses every core
+    assert reads_ahead(cfg, torch.device("cuda"))
+    workers = load_config(None, [*TINY, f"run.dir={tmp_path / 'w'}", "data.num_workers=2"])
+    assert not reads_ahead(workers, torch.device("cuda"))  # the loader's workers read ahead already

@@ -208,11 +208,20 @@ def prefetch(batches: Iterator[Any], depth: int = 2) -> Iterator[Any]:
         stop.set()
 
 
-def training_batches(dataset, cfg: Config, dist: D.Dist, micro_batch: int, position: int, buckets=None):
+def training_batches(dataset, cfg: Config, dist: D.Dist, micro_batch: int, position: int, buckets=None,
+                     read_ahead: bool = False):
     """This rank's micro-batches from global data position ``position`` on: every sample once per epoch
-    in a per-epoch permutation, the same for any number of ranks (``data/stream.py``), read ahead by a
-    background thread."""
-    return prefetch(_loader(dataset, cfg, dist, micro_batch, position, buckets))
+    in a per-epoch permutation, the same for any number of ranks (``data/stream.py``); with
+    ``read_ahead``, read by a background thread while the step computes (the same batches)."""
+    batches = _loader(dataset, cfg, dist, micro_batch, position, buckets)
+    return prefetch(batches) if read_ahead else batches
+
+
+def reads_ahead(cfg: Config, device: torch.device) -> bool:
+    """Whether the trainer reads batches ahead in a thread: when the step runs on an accelerator and no
+    loader workers do it already. On the CPU the step uses every core, and a reader thread competing
+    for them made the quickstart ~12% slower on 2 cores (benchmarks/RESULTS.md)."""
+    return device.type != "cpu" and cfg.data.num_workers == 0
 
 
 def _loader(dataset, cfg: Config, dist: D.Dist, micro_batch: int, position: int, buckets=None):

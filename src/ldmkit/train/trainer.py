@@ -31,7 +31,7 @@ from ldmkit.text import build_text_conditioner
 from ldmkit.train import distributed as D
 from ldmkit.train.build import (build_objective, build_run_model, build_training_data, check_inputs,
                                 check_semantic_source, class_names_of, make_buckets, micro_batch, open_init_source,
-                                pick_device, resolve_config, training_batches, training_flops_per_image,
+                                pick_device, reads_ahead, resolve_config, training_batches, training_flops_per_image,
                                 wrap_for_training)
 from ldmkit.train.checkpoint import (model_config, read_checkpoint,
                                      save_checkpoint)
@@ -231,7 +231,7 @@ class Trainer:
     def _batches(self) -> Iterator[Batch]:
         """The micro-batches of this rank from the current data position on."""
         return training_batches(self.dataset, self.cfg, self.dist, self.micro_batch, self.state.data_position,
-                                self.buckets)
+                                self.buckets, read_ahead=reads_ahead(self.cfg, self.device))
 
     # ----------------------------------------------------------------------------------------------
     # The loop
