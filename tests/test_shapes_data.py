@@ -102,6 +102,18 @@ def test_same_seed_and_index_give_identical_samples() -> None:
         assert sa["control"] == sb["control"] and sa["caption"] == sb["caption"]
 
 
+def test_a_batched_read_equals_one_read_per_sample() -> None:
+    ds = ShapesDataset(seed=3, image_size=16, orig_scale=(1.0, 3.0))
+    keys = [(0, 5), (2, 5), (1, 77), (0, 99_999)]
+    many = ds.get_many(keys)
+    for (epoch, index), got in zip(keys, many):
+        one = ds.get(index, epoch)
+        assert got["image"].dtype == torch.float32 and got["image"].shape == (3, 16, 16)
+        assert torch.equal(got["image"], one["image"])  # bit for bit
+        assert {k: v for k, v in got.items() if k != "image"} == {k: v for k, v in one.items() if k != "image"}
+    assert ds.get_many([]) == []
+
+
 def test_different_seed_gives_different_samples() -> None:
     a, b = ShapesDataset(seed=0), ShapesDataset(seed=1)
     differ = sum(not torch.equal(a[i]["image"], b[i]["image"]) for i in range(20))

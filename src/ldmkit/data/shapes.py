@@ -39,6 +39,7 @@ from PIL import Image
 from ldmkit.data.transforms import (
     CROP_MODES,
     center_crop_offset,
+    images_to_tensor,
     random_resized_box,
     resize_crop_flip,
     resized_size,
@@ -318,6 +319,22 @@ class ShapesDataset(torch.utils.data.Dataset):
 
     def get(self, index: int, epoch: int) -> dict[str, Any]:
         """Sample ``index`` with the augmentation (crop, flip) of ``epoch``."""
+        sample = self._sample(index, epoch)
+        sample["image"] = to_tensor(sample["image"])
+        return sample
+
+    def get_many(self, keys: list[tuple[int, int]]) -> list[dict[str, Any]]:
+        """``get`` for each (epoch, index) key, the images converted to tensors in one batched operation
+        (the same values; per-image conversion was a fifth of the rendering time)."""
+        samples = [self._sample(index, epoch) for epoch, index in keys]
+        if not samples:
+            return samples
+        for sample, image in zip(samples, images_to_tensor([s["image"] for s in samples])):
+            sample["image"] = image
+        return samples
+
+    def _sample(self, index: int, epoch: int) -> dict[str, Any]:
+        """``get`` with the image still a PIL image."""
         img, p = self.render(index)
         stream = [self.seed, int(epoch), int(index), 1]
         out, control = resize_crop_flip(img, self.image_size, self.crop, self.flip_prob, np.random.default_rng(stream),
@@ -360,7 +377,7 @@ class ShapesDataset(torch.utils.data.Dataset):
             flipped=flipped,
         )
         return {
-            "image": to_tensor(out),
+            "image": out,
             "class_id": p["class_id"],
             "caption": caption_for(p["colour"], p["shape"], p["position"]),
             "control": control,

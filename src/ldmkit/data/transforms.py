@@ -155,3 +155,11 @@ def to_tensor(img: Image.Image) -> torch.Tensor:
     arr = np.asarray(img, dtype=np.uint8)  # (H, W, 3)
     t = torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()
     return t.to(torch.float32).div_(127.5).sub_(1.0)
+
+
+def images_to_tensor(images: list[Image.Image]) -> torch.Tensor:
+    """RGB PIL images of one size as a (B, 3, H, W) float32 tensor in [-1, 1]: ``to_tensor`` of each,
+    stacked, in one conversion."""
+    arr = np.stack([np.asarray(img if img.mode == "RGB" else img.convert("RGB"), dtype=np.uint8) for img in images])
+    t = torch.from_numpy(arr).permute(0, 3, 1, 2).contiguous()
+    return t.to(torch.float32).div_(127.5).sub_(1.0)
