@@ -35,3 +35,24 @@ def test_reference_rows_time_the_same_function():
 def test_architecture_without_a_diffusers_counterpart_is_refused():
     out = run("--model", "mdt-tiny/2", "--levers", "fp32", "--reference", "diffusers")
     assert out.returncode != 0 and "mdt has no diffusers counterpart" in out.stderr
+
+
+SAMPLE_SCRIPT = SCRIPT.parent / "sample_speed.py"
+
+
+def test_sample_speed_checks_parity_with_dit_pipeline_then_prints_consistent_rows():
+    cmd = [sys.executable, str(SAMPLE_SCRIPT), "--preset", "tiny", "--image-size", "16", "--batch-sizes", "1,2",
+           "--steps", "3", "--reps", "2", "--threads", "1"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=False)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "Wrote diffusers DiTPipeline" in out.stdout
+    difference = float(re.search(r"max \|image diff\| (\S+)\.", out.stdout).group(1))
+    assert difference < 1e-4  # the two sides compute the same images before they are timed
+    rows = [line.split("|")[1:-1] for line in out.stdout.splitlines() if re.match(r"\| 3 \| \d", line)]
+    assert [int(r[1]) for r in rows] == [1, 2]
+    for r in rows:
+        ours, theirs = float(r[2]), float(r[3])
+        assert ours > 0 and theirs > 0
+        # the ratio is of medians of per-call times, images/s are batch / median time: the same quotient
+        assert float(r[4].split("x")[0]) == pytest.approx(ours / theirs, rel=0.02)
+        assert float(r[5]) == pytest.approx(int(r[1]) / ours, rel=0.02)  # s/call = batch / images/s
