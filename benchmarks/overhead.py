@@ -1,24 +1,25 @@
 """Framework overhead: steps/s of ``ldmkit train``'s loop against a bare PyTorch loop of the same math.
 
-Both train the same model (the quickstart's, by default) from the same initial weights with the same
-batch, objective, AdamW and EMA, in one process; they take turns in blocks of ``--block`` steps so that
-the drifts of a shared machine hit both alike. The trainer runs its real loop body
-(``Trainer.run_step``: data loading and rendering, conditioning, the step and its guard, EMA, telemetry
-windows, log records, the periodic checks); the bare loop reads pre-rendered batches from memory and does
-only forward, backward, clipping, AdamW and the EMA update. The ratio trainer / bare is the share of the
-bare loop's speed the framework keeps.
+All loops train the same model (the quickstart's, by default) from the same initial weights with the same
+batch size, objective, AdamW and EMA, in one process, taking turns in rotating order in blocks of
+``--block`` steps, so that the drifts of a shared machine hit them alike:
+- the trainer's real loop body (``Trainer.run_step``: data loading and rendering, conditioning, the step
+  and its guard, EMA, telemetry windows, log records, the periodic checks);
+- the same loop body fed the bare loop's pre-rendered batches (the framework without the data pipeline);
+- the bare loop: pre-rendered batches from memory, forward, backward, clipping, AdamW and the EMA update.
+Each ratio to the bare loop is the share of its speed that loop keeps.
 
     python benchmarks/overhead.py                      # configs/quickstart.yaml on this machine
-    python benchmarks/overhead.py --blocks 8 --block 25 --threads 2
+    python benchmarks/overhead.py --blocks 12 --block 20 --threads 2
 
-Prints a Markdown row for benchmarks/RESULTS.md (steps/s of each loop, median over blocks, and the
-ratio with its spread over blocks).
-"""
+Prints Markdown rows for benchmarks/RESULTS.md (steps/s of each loop, median over blocks, and the
+ratio with its spread over blocks)."""
 
 from __future__ import annotations
 
 import argparse
 import copy
+import itertools
 import platform
 import statistics
 import sys
@@ -78,7 +79,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("config", nargs="?", default=str(ROOT / "configs/quickstart.yaml"))
     p.add_argument("overrides", nargs="*")
-    p.add_argument("--blocks", type=int, default=6, help="blocks per loop, alternating")
+    p.add_argument("--blocks", type=int, default=6, help="blocks per loop, in rotating order")
     p.add_argument("--block", type=int, default=20, help="steps per block")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = p.parse_args()
@@ -91,24 +92,32 @@ def main() -> None:
     trainer = Trainer(cfg, progress=False)
     batches = trainer._batches()
     # the bare loop's data: the trainer's first batches, rendered once
-    bare_data = [(b.images, b.cond.class_ids) for b in (next(trainer._batches()) for _ in range(4))]
+    first = list(itertools.islice(trainer._batches(), 4))
+    bare_data = [(b.images, b.cond.class_ids) for b in first]
+    in_memory = itertools.cycle(first)  # the trainer's loop without the data pipeline: same batches as bare
     bare = BareLoop(trainer, bare_data)
     t = cfg.train
     window = StepWindow(trainer.dist, t.batch_size, getattr(trainer.model, "num_tokens", None))
     bar = tqdm(disable=True)
     start = time.time()
-    for _ in range(3):  # warm up both
-        trainer.run_step(batches, window, bar, start)
-        bare()
-    rates: dict[str, list[float]] = {"trainer": [], "bare": []}
+    loops = {"trainer": lambda: trainer.run_step(batches, window, bar, start),
+             "trainer_in_memory": lambda: trainer.run_step(in_memory, window, bar, start),
+             "bare": bare}
+    for _ in range(3):  # warm up all
+        for fn in loops.values():
+            fn()
+    rates: dict[str, list[float]] = {name: [] for name in loops}
+    names = list(loops)
     for i in range(args.blocks):
-        order = ("trainer", "bare") if i % 2 == 0 else ("bare", "trainer")
-        for name in order:
+        for name in names[i % 3:] + names[:i % 3]:  # rotate the order, so drifts hit all alike
             t0 = time.perf_counter()
             for _ in range(args.block):
-                trainer.run_step(batches, window, bar, start) if name == "trainer" else bare()
+                loops[name]()
             rates[name].append(args.block / (time.perf_counter() - t0))
-    ratios = [a / b for a, b in zip(rates["trainer"], rates["bare"])]
+
+    def ratio(name: str) -> str:
+        r = [a / b for a, b in zip(rates[name], rates["bare"])]
+        return f"{statistics.median(r):.3f} ({min(r):.3f}-{max(r):.3f})"
     trainer._close()
     med = {k: statistics.median(v) for k, v in rates.items()}
     print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, "
@@ -117,8 +126,9 @@ def main() -> None:
     print("| loop | steps/s (median) | trainer / bare (median, min-max over blocks) |")
     print("|---|---|---|")
     print(f"| bare PyTorch (pre-rendered batches) | {med['bare']:.2f} | |")
-    print(f"| `ldmkit train` (`Trainer.run_step`) | {med['trainer']:.2f} | {statistics.median(ratios):.3f} "
-          f"({min(ratios):.3f}-{max(ratios):.3f}) |")
+    print(f"| `ldmkit train` (`Trainer.run_step`) | {med['trainer']:.2f} | {ratio('trainer')} |")
+    print(f"| `ldmkit train` on the bare loop's in-memory batches (no data pipeline) | {med['trainer_in_memory']:.2f} "
+          f"| {ratio('trainer_in_memory')} |")
 
 
 if __name__ == "__main__":

@@ -56,3 +56,21 @@ def test_sample_speed_checks_parity_with_dit_pipeline_then_prints_consistent_row
         # the ratio is of medians of per-call times, images/s are batch / median time: the same quotient
         assert float(r[4].split("x")[0]) == pytest.approx(ours / theirs, rel=0.02)
         assert float(r[5]) == pytest.approx(int(r[1]) / ours, rel=0.02)  # s/call = batch / images/s
+
+
+def test_overhead_prints_three_loops_with_consistent_ratios():
+    script = SCRIPT.parent / "overhead.py"
+    config = SCRIPT.parents[1] / "configs" / "quickstart.yaml"
+    cmd = [sys.executable, str(script), str(config), "data.image_size=16", "model.depth=2", "model.hidden_size=32",
+           "train.batch_size=4", "--blocks", "3", "--block", "2", "--threads", "1"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=False)
+    assert out.returncode == 0, out.stderr[-2000:]
+    rows = [line.split("|")[1:-1] for line in out.stdout.splitlines()
+            if line.startswith("| ") and "steps/s" not in line]
+    assert [r[0].strip()[:12] for r in rows] == ["bare PyTorch", "`ldmkit trai", "`ldmkit trai"]
+    rates = [float(r[1]) for r in rows]
+    assert all(rate > 0 for rate in rates)
+    for r in rows[1:]:
+        median, spread = r[2].split(" (")
+        lo, hi = (float(v) for v in spread.rstrip(") ").split("-"))
+        assert lo <= float(median) <= hi  # the median of the per-block ratios lies within their range
