@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # One prepared script for a lent GPU: CUDA tests, the speed-lever table for DiT-XL/2 at 256 px, and a
 # real training run with telemetry; with the argument `reference`, instead: ours against diffusers for
-# DiT-XL/2 and mmDiT-XL/2 (needs diffusers). Usage (repo root, a GPU machine with torch installed):
-#   OUT=/some/dir bash benchmarks/gpu_check.sh [reference]
+# DiT-XL/2 and mmDiT-XL/2 (needs diffusers); with `sample`: sampling DiT-XL/2 against diffusers'
+# DiTPipeline (needs diffusers). Usage (repo root, a GPU machine with torch installed):
+#   OUT=/some/dir bash benchmarks/gpu_check.sh [reference|sample]
 set -uo pipefail
 export PYTHONPATH=src PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/gpu_check}
@@ -14,6 +15,13 @@ if [ "${1:-}" = reference ]; then
         timeout 280 python3 benchmarks/train_step.py --model $model --batch ${BATCH:-64} --warmup 3 --iters 10 \
             --levers bf16,bf16+compile --reference diffusers 2>&1 | grep -v Warning | tee -a "$OUT/reference.txt"
     done
+    exit 0
+fi
+if [ "${1:-}" = sample ]; then
+    timeout 420 python3 benchmarks/sample_speed.py --preset dit-xl/2 --image-size 256 --vae sd --device cuda \
+        --dtype bf16 --batch-sizes 1,16,64,256 --steps 50 --reps 3 2>&1 | grep -v Warning | tee "$OUT/sample.txt"
+    timeout 150 python3 benchmarks/sample_speed.py --preset dit-xl/2 --image-size 256 --vae sd --device cuda \
+        --dtype bf16 --batch-sizes 64 --steps 250 --reps 1 2>&1 | grep -v Warning | tee -a "$OUT/sample.txt"
     exit 0
 fi
 timeout 200 python3 -m pytest -q -p no:cacheprovider -m "not slow" tests/test_cuda.py tests/test_engine.py \
