@@ -220,7 +220,7 @@ def training_batches(dataset, cfg: Config, dist: D.Dist, micro_batch: int, posit
 def reads_ahead(cfg: Config, device: torch.device) -> bool:
     """Whether the trainer reads batches ahead in a thread: when the step runs on an accelerator and no
     loader workers do it already. On the CPU the step uses every core, and a reader thread competing
-    for them made the quickstart ~12% slower on 2 cores (benchmarks/RESULTS.md)."""
+    for them made the quickstart 8-14% slower on 2 cores (benchmarks/RESULTS.md)."""
     return device.type != "cpu" and cfg.data.num_workers == 0
 
 
